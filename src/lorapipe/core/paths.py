@@ -1,0 +1,22 @@
+"""Where each stage reads and writes, relative to the repository root (dvc.yaml names the same paths)."""
+
+from pathlib import Path
+
+BASE_DIR = Path("models/base")
+RAW_DIR = Path("data/raw")
+CLEAN_DIR = Path("data/clean")
+TRAIN_JSONL = CLEAN_DIR / "train.jsonl"
+EVAL_JSONL = CLEAN_DIR / "eval.jsonl"
+REJECTS_JSONL = CLEAN_DIR / "rejects.jsonl"
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINTS_DIR = Path("models/checkpoints")
+MERGED_DIR = Path("models/merged")
+GGUF_DIR = Path("models/gguf")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+REPORTS_DIR = Path("reports")
+
+
+def gguf_path(kind: str) -> Path:
+    """models/gguf/model-<kind>.gguf, kind lower-case (f16, q4_k_m, ...)."""
+    return GGUF_DIR / f"model-{kind.lower()}.gguf"

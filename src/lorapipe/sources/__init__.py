@@ -1,0 +1,1 @@
+"""One adapter per data source type -> ShareGPT rows."""
