@@ -157,6 +157,8 @@ class TrainParams(Section):
     save_steps: int = Field(50, gt=0)
     max_eval_samples: int | None = None
     on_empty_eval: Literal["skip", "fail"] = "skip"
+    # Template used when models/base has none (chatml | qwen | gemma); null = the base model's own.
+    chat_template: str | None = None
 
 
 class LoraParams(Section):
@@ -177,6 +179,9 @@ class ParityParams(Section):
     min_argmax_agreement: float = Field(1.0, ge=0, le=1)
     min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
+    # Share of eval prompts on which greedy generation from the GGUF must end on EOS/EOT within
+    # max_new_tokens (a fine-tuned chat model has learned to stop; a random test model has not).
+    min_stop_fraction: float = Field(0.5, ge=0, le=1)
 
 
 class ExportParams(Section):
@@ -190,12 +195,15 @@ class ExportParams(Section):
 
 # -------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
+    # Perplexity context (tokens) and most chunks scored; a shorter eval split gets a shorter context.
     ctx: int = Field(256, gt=0)
     max_chunks: int = Field(32, gt=0)
-    threads: int = Field(2, gt=0)
-    max_ppl_delta_pct: float = 5.0
-    max_ppl_f16_vs_hf_pct: float = 0.5
-    max_new_tokens: int = Field(96, gt=0)
+    threads: int = Field(2, gt=0)  # CPU threads for every timed or scored run (HF and llama.cpp)
+    max_ppl_delta_pct: float = 5.0  # gate: quantized vs F16 GGUF perplexity increase, %
+    max_ppl_f16_vs_hf_pct: float = 0.5  # gate: |F16 GGUF - HF merged| perplexity, % (conversion check)
+    max_new_tokens: int = Field(96, gt=0)  # reports/samples.md answers
+    speed_prompt_tokens: int = Field(64, gt=0)  # prompt-processing speed test length
+    speed_gen_tokens: int = Field(32, gt=1)  # decode speed test length
     prompts: list[str] = [
         "I have been feeling really lonely since I moved to a new city.",
         "My exam went badly and I feel like a failure.",
@@ -212,12 +220,26 @@ class ChatParams(Section):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.8, gt=0, le=1)
     repetition_penalty: float = Field(1.1, gt=0)
+    ctx: int = Field(4096, gt=0)  # llama.cpp context window (tokens) of the gguf backend
+    threads: int | None = Field(None, gt=0)  # CPU threads of the gguf backend; null = llama.cpp's default
 
 
 class ServeParams(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
     ctx: int = Field(2048, gt=0)
+    threads: int | None = Field(None, gt=0)  # null = llama-server's default
+    startup_timeout: float = Field(120.0, gt=0)  # seconds to wait for /health before giving up
+
+
+# ---------------------------------------------------------------------------------------- package
+class PackageParams(Section):
+    # Name for `ollama create <name>` in the model card; null = export.name.
+    ollama_name: str | None = None
+    # Context window written to the Modelfile (PARAMETER num_ctx).
+    num_ctx: int = Field(4096, gt=0)
+    # License line of the model card (it is the base model's license); null = "see the base model".
+    license: str | None = None
 
 
 class Params(Section):
@@ -230,6 +252,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     chat: ChatParams = ChatParams()
     serve: ServeParams = ServeParams()
+    package: PackageParams = PackageParams()
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -271,8 +294,11 @@ def _describe(err: dict, source: str) -> str:
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f" (did you mean '{near[0]}'?)" if near else (f" (valid keys: {', '.join(valid)})" if valid else "")
         return f"{source}: unknown key '{where}'{hint}"
-    if err["type"] == "union_tag_invalid":
-        return f"{source}: {where}: unknown source type {err['input'].get('type')!r}; valid types: {', '.join(SOURCE_TYPES)}" if isinstance(err.get("input"), dict) else f"{source}: {where}: {err['msg']}"
+    if err["type"] == "union_tag_invalid" and isinstance(err.get("input"), dict):
+        tag = str(err["input"].get("type"))
+        near = difflib.get_close_matches(tag, SOURCE_TYPES, n=1, cutoff=0.5)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return f"{source}: {where}: unknown source type {tag!r}{hint}; valid types: {', '.join(SOURCE_TYPES)}"
     if err["type"] == "union_tag_not_found":
         return f"{source}: {where}: missing 'type'; valid types: {', '.join(SOURCE_TYPES)}"
     return f"{source}: {where}: {err['msg']}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorapipe.core.errors import LorapipeError
+
 # ChatML as SmolLM2 ships it (default system prompt included, as in its tokenizer_config).
 CHATML = (
     "{% for message in messages %}"
@@ -78,11 +80,11 @@ def template_by_name(name: str) -> str:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise LorapipeError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 def preset_by_name(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)} (or null)") from None
+        raise LorapipeError(f"model.preset: unknown preset {name!r}; known: {', '.join(PRESETS)} (or null)") from None

@@ -1,0 +1,100 @@
+"""Stage `base`: every kind of model.source ends as a plain, safetensors-only HF folder."""
+
+import json
+import shutil
+
+import pytest
+
+from lorapipe import params
+from lorapipe.core.errors import LorapipeError
+from lorapipe.stages import base
+
+
+def run_base(tmp_path, monkeypatch, **model):
+    monkeypatch.chdir(tmp_path)
+    return base.run(params.parse({"model": model}))
+
+
+def test_local_folder_is_copied_with_template_and_stop_ids(tmp_path, monkeypatch, tiny_model):
+    src = tiny_model("qwen2")
+    summary = run_base(tmp_path, monkeypatch, source=str(src), preset="qwen2.5-1.5b-instruct")
+    out = tmp_path / "models/base"
+    assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert not list(out.glob("*.bin"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    gen = json.loads((out / "generation_config.json").read_text())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    assert summary["source"] == str(src)
+    assert not list(tmp_path.glob("models/.base*")), "no temporary folder left behind"
+
+
+def test_template_override_and_missing_stop_token(tmp_path, monkeypatch, tiny_model):
+    # The SmolLM2 tokenizer has no <end_of_turn>: forcing the gemma template must fail clearly,
+    # and leave no half-written models/base behind.
+    with pytest.raises(LorapipeError, match="no such token"):
+        run_base(tmp_path, monkeypatch, source=str(tiny_model("llama")), chat_template="gemma")
+    assert not (tmp_path / "models/base").exists()
+    assert not list((tmp_path / "models").iterdir())
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, monkeypatch, tiny_model):
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_model("llama"), src)
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(LorapipeError, match="only pickle checkpoints .*pytorch_model.bin.*safetensors only"):
+        run_base(tmp_path, monkeypatch, source=str(src))
+
+
+def test_remote_code_needs_the_param(tmp_path, monkeypatch, tiny_model):
+    src = tmp_path / "minicpm"
+    shutil.copytree(tiny_model("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="minicpm", auto_map={"AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"})
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LorapipeError, match="model.trust_remote_code: true"):
+        run_base(tmp_path, monkeypatch, source=str(src), preset=None)
+    with pytest.raises(LorapipeError, match="model.trust_remote_code: true"):
+        run_base(tmp_path, monkeypatch, source=str(src), preset="minicpm-1-0.5b")
+
+
+def test_hub_id_offline_fails_with_a_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LorapipeError, match="hub is unreachable.*local folder"):
+        run_base(tmp_path, monkeypatch, source="Qwen/Qwen2.5-1.5B-Instruct", preset="qwen2.5-1.5b-instruct")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("./missing-folder", "neither a local folder"),
+    ("missing.gguf", "GGUF file missing.gguf not found"),
+])
+def test_bad_sources(tmp_path, monkeypatch, source, message):
+    with pytest.raises(LorapipeError, match=message):
+        run_base(tmp_path, monkeypatch, source=source)
+
+
+def test_unknown_preset(tmp_path, monkeypatch):
+    with pytest.raises(LorapipeError, match="unknown preset 'qwen3'"):
+        run_base(tmp_path, monkeypatch, source="embedded", preset="qwen3")
+
+
+@pytest.mark.slow
+def test_embedded_default_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = run_base(tmp_path, monkeypatch, source="embedded", preset="smollm2-135m-instruct")
+    out = tmp_path / "models/base"
+    assert summary["weights_mb"] > 100
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "llama"
+    assert tok.eos_token == "<|im_end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

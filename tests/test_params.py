@@ -1,0 +1,61 @@
+"""params.yaml is loaded once into a typed object; bad keys fail naming the key and a suggestion."""
+
+import pytest
+
+from lorapipe import params
+from conftest import REPO_ROOT
+
+
+def test_repo_params_yaml_loads_with_every_section():
+    p = params.load(REPO_ROOT / "params.yaml")
+    assert p.model.source == "embedded"
+    assert p.data.sources, "the default pipeline ingests real offline sources"
+    assert p.export.quant
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"data": {"clean": {"max_token": 5}}}, "unknown key 'data.clean.max_token' (did you mean 'max_tokens'?)"),
+        ({"lora": {"rnak": 4}}, "unknown key 'lora.rnak' (did you mean 'rank'?)"),
+        ({"trian": {}}, "unknown key 'trian' (did you mean 'train'?)"),
+        ({"data": {"sources": [{"name": "a", "type": "sharegpt", "pth": "x"}]}}, "unknown key 'data.sources.0.pth' (did you mean 'path'?)"),
+        ({"data": {"sources": [{"name": "a", "type": "sharegtp", "path": "x"}]}}, "unknown source type 'sharegtp' (did you mean 'sharegpt'?)"),
+        ({"data": {"sources": [{"name": "a"}]}}, "missing 'type'; valid types: sharegpt, llamafactory"),
+        ({"lora": {"rank": 0}}, "lora.rank: Input should be greater than 0"),
+        ({"lora": {"rank": -4}}, "lora.rank: Input should be greater than 0"),
+        ({"train": {"lr": "fast"}}, "train.lr:"),
+    ],
+)
+def test_bad_params_name_the_key(raw, expected):
+    with pytest.raises(params.ParamsError) as err:
+        params.parse(raw)
+    assert expected in str(err.value)
+
+
+def test_duplicate_source_names_rejected():
+    src = {"name": "a", "type": "chitchat"}
+    with pytest.raises(params.ParamsError, match="repeated: a"):
+        params.parse({"data": {"sources": [src, src]}})
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(params.ParamsError, match="params file not found"):
+        params.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(params.ParamsError, match="not valid YAML"):
+        params.load(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(params.ParamsError, match="top level must be a mapping"):
+        params.load(bad)
+
+
+def test_cli_reports_params_error_without_traceback(tmp_path, capsys, monkeypatch):
+    from lorapipe.cli import main
+
+    (tmp_path / "params.yaml").write_text("lora:\n  rnak: 8\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'lora.rnak' (did you mean 'rank'?)" in err and "Traceback" not in err
