@@ -1,0 +1,73 @@
+"""What every adapter shares: the two kinds of output record, stats, and turning speaker turns into roles.
+
+An adapter converts faithfully and judges nothing: a record it can read becomes a row (even one the
+`clean` stage will later reject, which then gets a file:line reason there); a record it cannot read
+at all becomes a quarantine record. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from lorapipe.core.errors import LorapipeError
+
+RAW_LIMIT = 2000  # characters of the original text kept in a quarantine record
+
+
+@dataclass
+class Context:
+    """Where an adapter reads from and how to name it in errors and records."""
+
+    source: Any  # the source's params object (one of lorapipe.params' *Source classes)
+    key: str  # its params key, e.g. "data.sources[2] (support)"
+    stats: Counter = field(default_factory=Counter)  # adapter-specific counts (trimmed_turns, ...)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def row(self, messages: Any, origin: str) -> dict:
+        return {"messages": messages, "source": self.name, "origin": origin}
+
+    def quarantine(self, origin: str, error: str, raw: Any) -> dict:
+        if not isinstance(raw, str):
+            raw = json.dumps(raw, ensure_ascii=False)
+        return {"source": self.name, "origin": origin, "error": error, "raw": raw[:RAW_LIMIT]}
+
+    def existing(self, path: str | None, field_name: str = "path") -> Path:
+        """The local file a params key points at; a clear error naming both when it is missing."""
+        if not path:
+            raise LorapipeError(f"{self.key}: '{field_name}' is not set")
+        p = Path(path)
+        if not p.exists():
+            raise LorapipeError(f"{self.key}.{field_name}: file not found: {path}")
+        return p
+
+
+def turns_to_messages(turns: Iterable[tuple[Any, str]], joiner: str, ctx: Context) -> list[dict]:
+    """Speaker turns -> alternating user/assistant messages, ending on an assistant turn.
+
+    Consecutive turns by the same speaker are one message (joined with `joiner`); then the first
+    speaker is the user and roles alternate, which for a two-person chat is exactly "first speaker
+    -> user, the other -> assistant". A trailing user turn has no reply to learn from, so it is
+    trimmed and counted in stats["trimmed_turns"] — unless that would leave no exchange at all:
+    then the row is passed on untrimmed and `clean` rejects it with its reason (never lost silently).
+    """
+    merged: list[list] = []
+    for speaker, text in turns:
+        if merged and merged[-1][0] == speaker:
+            merged[-1][1].append(text)
+        else:
+            merged.append([speaker, [text]])
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": joiner.join(texts)}
+        for i, (_, texts) in enumerate(merged)
+    ]
+    if len(messages) > 2 and messages[-1]["role"] == "user":
+        messages.pop()
+        ctx.stats["trimmed_turns"] += 1
+    return messages
