@@ -1,0 +1,394 @@
+"""Stage `train`: assistant-only labels, packing without cross-sample attention, the stage end to end on
+a tiny model (adapter, metrics, dvclive plots, determinism), its bad-input errors, and (slow) resume
+after kill -9 and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lorapipe.core.errors import LorapipeError
+from lorapipe.params import ParamsError, parse
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_TURNS = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How are you?"},
+    {"role": "user", "content": "Sad today."},
+    {"role": "assistant", "content": "I'm sorry to hear that."},
+]
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [{"role": "user", "content": f"I feel low today, number {i}."},
+                                  {"role": "assistant", "content": f"I'm here with you. Tell me more about it ({i})."}],
+                     "source": "test", "origin": f"t:{i}"})
+    return rows
+
+
+def _workdir(root: Path, model_dir: Path, train_rows: list[dict], eval_rows: list[dict]) -> Path:
+    (root / "data/clean").mkdir(parents=True)
+    (root / "models").mkdir()
+    shutil.copytree(model_dir, root / "models/base")
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        with open(root / f"data/clean/{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return root
+
+
+def _params(**train):
+    base = {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0}
+    base.update(train)
+    return parse({"train": base, "lora": {"rank": 4, "alpha": 8, "target": "all"}})
+
+
+# ------------------------------------------------------------------------------------ labels
+def test_two_turn_labels_cover_exactly_assistant_content_and_end_of_turn(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from lorapipe.core import sft
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    sft.resolve_chat_template(tok, smollm2_tokenizer_dir)
+    example, truncated = sft.encode(tok, TWO_TURNS, 512, sft.stop_strings(tok))
+    assert not truncated
+    assert example.input_ids == tok(tok.apply_chat_template(TWO_TURNS, tokenize=False), add_special_tokens=False)["input_ids"]
+    labelled = [i for i, lab in enumerate(example.labels) if lab != sft.IGNORE_INDEX]
+    # labels equal the token ids where set
+    assert all(example.labels[i] == example.input_ids[i] for i in labelled)
+    # the labelled positions are exactly the two assistant turns' content + <|im_end|>, found independently
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = example.input_ids
+    expected = []
+    for content in ("Hello! How are you?", "I'm sorry to hear that."):
+        piece = tok(content, add_special_tokens=False)["input_ids"] + [end]
+        starts = [s for s in range(len(ids)) if ids[s:s + len(piece)] == piece]
+        assert len(starts) == 1
+        expected += list(range(starts[0], starts[0] + len(piece)))
+    assert labelled == expected
+    assert tok.decode([ids[i] for i in labelled]) == "Hello! How are you?<|im_end|>I'm sorry to hear that.<|im_end|>"
+    # everything else (system, user, role headers, newline after each turn) is masked
+    assert tok.decode([ids[i] for i in range(len(ids)) if i not in labelled]).count("Hi there") == 1
+
+
+def test_gemma_template_labels_end_of_turn(smollm2_tokenizer_dir, tmp_path):
+    """A template whose turn end is not the EOS token (Gemma's <end_of_turn>): still labelled."""
+    from transformers import AutoTokenizer
+
+    from lorapipe.core import sft
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = None
+    sft.resolve_chat_template(tok, tmp_path, "gemma")
+    example, _ = sft.encode(tok, TWO_TURNS, 512, sft.stop_strings(tok, None, "gemma"))
+    text = tok.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != sft.IGNORE_INDEX])
+    assert text == "Hello! How are you?<end_of_turn>I'm sorry to hear that.<end_of_turn>"
+
+
+def test_cutoff_truncates_and_counts_rows_without_assistant_tokens(smollm2_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lorapipe.core import sft
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    path = tmp_path / "train.jsonl"
+    long_system = {"role": "system", "content": "You are a kind listener. " * 20}
+    rows = [{"messages": [long_system] + TWO_TURNS[1:]}, {"messages": TWO_TURNS}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, report = sft.encode_file(path, tok, 40, sft.stop_strings(tok))
+    assert report.rows == 2 and report.untrainable == 1 and report.untrainable_lines == [1]
+    assert report.truncated == 2 and len(examples) == 1 and len(examples[0].input_ids) == 40
+
+
+def test_packed_batch_has_no_cross_sample_attention(tiny_model):
+    """Logits of a sample are the same alone and packed behind another sample (block-diagonal mask)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorapipe.core import sft
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).eval()
+    a = sft.Example(list(range(5, 17)), [-100] * 6 + list(range(11, 17)))
+    b = sft.Example(list(range(100, 109)), [-100] * 4 + list(range(104, 109)))
+    batch = sft.PackedCollator(64)([a, b])
+    assert batch["position_ids"].tolist() == [list(range(12)) + list(range(9))]
+    # rows are capped at max_len: a second row, padded with a label-free block of its own
+    split = sft.PackedCollator(15, pad_id=0)([b, a])
+    assert split["position_ids"].tolist() == [list(range(12)), list(range(9)) + [0, 1, 2]]
+    assert split["labels"][1, 9:].tolist() == [-100] * 3 and not split["logits_to_keep"][1, 8:].any()
+    with torch.no_grad():
+        # use_cache=False as in training: transformers reads packing from position_ids only without a cache
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, 12:]
+        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5)
+    # and the loss over the kept logits equals the loss of each sample computed alone
+    loss, n = sft.loss_sum(model, batch)
+    ref = 0.0
+    for ex in (a, b):
+        one = sft.PaddedCollator(0)([ex])
+        ref += float(sft.loss_sum(model, one, supports_keep=False)[0])
+    assert n == 6 + 5 and abs(float(loss) - ref) < 1e-3
+
+
+# ------------------------------------------------------------------------------------ stage
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """Two identical runs of the stage in-process (determinism), one tiny model, 24 rows."""
+    from lorapipe.stages import train
+
+    model = tiny_model("llama")
+    runs = []
+    for k in range(2):
+        root = _workdir(tmp_path_factory.mktemp(f"train-run{k}"), model, _rows(24), _rows(4))
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            summary = train.run(_params(eval_steps=2))
+        finally:
+            os.chdir(cwd)
+        runs.append((root, summary))
+    return runs
+
+
+def test_stage_writes_adapter_metrics_and_plots(trained):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, summary = trained[0]
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_ppl", "eval_loss_base", "train_tokens_per_s", "runtime_s",
+                "trainable_params", "total_params", "steps", "train_rows", "eval_rows"):
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 4 and metrics["train_rows"] == 24 and metrics["eval_rows"] == 4
+    assert abs(metrics["eval_ppl"] - __import__("math").exp(metrics["eval_loss"])) < 1e-2 * metrics["eval_ppl"]
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    # lr 1e-3 on a repeated pattern: the tiny model does learn
+    assert metrics["eval_loss"] < metrics["eval_loss_base"]
+    adapter = root / "models/adapter"
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (adapter / f).exists(), f
+    base = AutoModelForCausalLM.from_pretrained(root / "models/base")
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    with torch.no_grad():
+        peft_model(input_ids=torch.tensor([[1, 2, 3]]))
+    # dvclive: per-step loss and lr, one row per step
+    loss_tsv = (root / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()
+    lr_tsv = (root / "dvclive/plots/metrics/train/learning_rate.tsv").read_text().splitlines()
+    assert loss_tsv[0].split("\t") == ["step", "loss"] and len(loss_tsv) == 1 + 4
+    assert len(lr_tsv) == 1 + 4
+    # train.eval_steps=2: eval loss at step 2 and after the last step
+    eval_tsv = (root / "dvclive/plots/metrics/eval/loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in eval_tsv] == ["step", "2", "4"]
+    # checkpoints served resuming only: gone after a finished run, folder kept (persist out)
+    assert (root / "models/checkpoints").is_dir() and not list((root / "models/checkpoints").glob("checkpoint-*"))
+
+
+def test_same_params_and_data_give_byte_identical_adapter(trained):
+    (a, _), (b, _) = trained
+    assert (a / "models/adapter/adapter_model.safetensors").read_bytes() == (b / "models/adapter/adapter_model.safetensors").read_bytes()
+
+
+def test_changed_config_discards_stale_checkpoints(tmp_path):
+    from lorapipe.stages.train import last_checkpoint, prepare_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    prepare_checkpoints(ckpt, "hash-a")
+    (ckpt / "checkpoint-2").mkdir()
+    (ckpt / "checkpoint-2/trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-4").mkdir()  # interrupted mid-save: no trainer_state.json
+    prepare_checkpoints(ckpt, "hash-a")
+    assert last_checkpoint(ckpt) == ckpt / "checkpoint-2"
+    prepare_checkpoints(ckpt, "hash-b")
+    assert last_checkpoint(ckpt) is None and not (ckpt / "checkpoint-2").exists()
+
+
+def test_run_hash_changes_with_params_and_data(tiny_model, tmp_path):
+    from lorapipe.stages.train import run_hash
+
+    root = _workdir(tmp_path, tiny_model("llama"), _rows(3), _rows(1))
+    train = root / "data/clean/train.jsonl"
+    h = run_hash(_params(), root / "models/base", train)
+    assert h == run_hash(_params(logging_steps=3), root / "models/base", train)  # does not change the weights
+    assert h != run_hash(_params(lr=2e-3), root / "models/base", train)
+    train.write_text(train.read_text() + json.dumps(_rows(1)[0]) + "\n")
+    assert h != run_hash(_params(), root / "models/base", train)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.fixture()
+def workdir(tiny_model, tmp_path, monkeypatch):
+    def make(train_rows=None, eval_rows=None, model=None):
+        root = _workdir(tmp_path / "w", model or tiny_model("llama"), _rows(8) if train_rows is None else train_rows,
+                        _rows(2) if eval_rows is None else eval_rows)
+        monkeypatch.chdir(root)
+        return root
+    return make
+
+
+def test_empty_train_split_is_an_error(workdir):
+    from lorapipe.stages import train
+
+    workdir(train_rows=[])
+    with pytest.raises(LorapipeError, match="train.jsonl: the train split is empty"):
+        train.run(_params())
+    assert not Path("models/adapter").exists() and not Path("metrics/train.json").exists()
+
+
+def test_all_rows_beyond_cutoff_is_an_error(workdir):
+    from lorapipe.stages import train
+
+    workdir()
+    with pytest.raises(LorapipeError, match=r"none of its 8 rows keeps an assistant token within train.cutoff_len=8"):
+        train.run(_params(cutoff_len=8))
+
+
+def test_empty_eval_split_fails_when_asked(workdir):
+    from lorapipe.stages import train
+
+    workdir(eval_rows=[])
+    with pytest.raises(LorapipeError, match="eval split has no usable rows.*on_empty_eval is 'fail'"):
+        train.run(_params(on_empty_eval="fail"))
+
+
+def test_empty_eval_split_is_skipped_by_default(workdir):
+    from lorapipe.stages import train
+
+    root = workdir(eval_rows=[])
+    summary = train.run(_params(max_steps=1))
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert summary["eval_loss"] is None and metrics["eval_loss"] is None and metrics["eval_rows"] == 0
+    assert (root / "models/adapter/adapter_model.safetensors").exists()
+
+
+def test_base_without_chat_template_is_an_error(workdir, tiny_model, tmp_path):
+    from lorapipe.stages import train
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model("llama"), model)
+    (model / "chat_template.jinja").unlink()
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    workdir(model=model)
+    with pytest.raises(LorapipeError, match="models/base: the base model has no chat template"):
+        train.run(_params())
+
+
+def test_lora_target_naming_no_module_lists_the_linear_modules(workdir):
+    from lorapipe.stages import train
+
+    workdir()
+    with pytest.raises(LorapipeError) as err:
+        train.run(parse({"train": {"max_steps": 1}, "lora": {"target": ["q_proj", "query_key_value"]}}))
+    msg = str(err.value)
+    assert "lora.target: query_key_value matches no linear module" in msg
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in msg
+    assert "lm_head" not in msg
+
+
+@pytest.mark.parametrize("rank", [0, -4])
+def test_lora_rank_must_be_positive(rank):
+    with pytest.raises(ParamsError, match="lora.rank"):
+        parse({"lora": {"rank": rank}})
+
+
+def test_qlora_without_cuda_fails_before_loading_anything(tmp_path, monkeypatch):
+    import torch
+
+    from lorapipe.stages import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)  # nothing here: no base model, no data -- the check comes first
+    with pytest.raises(LorapipeError, match=r"quantization_bit: 4 \(QLoRA\).*needs a CUDA GPU.*has none"):
+        train.run(parse({"train": {"quantization_bit": 4}}))
+
+
+def test_unknown_scheduler_is_an_error(workdir):
+    from lorapipe.stages import train
+
+    workdir()
+    with pytest.raises(LorapipeError, match="train.scheduler: unknown scheduler 'cosinus'"):
+        train.run(_params(scheduler="cosinus"))
+
+
+# ------------------------------------------------------------------------------------ slow
+_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from lorapipe.params import parse
+    from lorapipe.stages import train
+
+    class KillAfterSave(TrainerCallback):
+        # a real SIGKILL right after the checkpoint of step `at` is on disk
+        def __init__(self, at): self.at = at
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    kill_at = int(sys.argv[1])
+    params = parse({"train": {"max_steps": 6, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "lr": 1e-3,
+                              "warmup_ratio": 0.0, "seed": 7},
+                    "lora": {"rank": 4, "alpha": 8, "dropout": 0.1}})
+    train.run(params, callbacks=[KillAfterSave(kill_at)] if kill_at else [])
+""")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_ends_with_the_same_adapter(tiny_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = tmp_path / "run.py"
+    script.write_text(_RUN)
+    model = tiny_model("llama")
+    straight = _workdir(tmp_path / "straight", model, _rows(40), _rows(4))
+    subprocess.run([sys.executable, script, "0"], cwd=straight, env=env, check=True, capture_output=True)
+    resumed = _workdir(tmp_path / "resumed", model, _rows(40), _rows(4))
+    killed = subprocess.run([sys.executable, script, "4"], cwd=resumed, env=env, capture_output=True)
+    assert killed.returncode == -9
+    assert (resumed / "models/checkpoints/checkpoint-4/trainer_state.json").exists()
+    assert not (resumed / "models/adapter").exists()
+    done = subprocess.run([sys.executable, script, "0"], cwd=resumed, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from models/checkpoints/checkpoint-4" in done.stderr
+    metrics = json.loads((resumed / "metrics/train.json").read_text())
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
+    a = (straight / "models/adapter/adapter_model.safetensors").read_bytes()
+    b = (resumed / "models/adapter/adapter_model.safetensors").read_bytes()
+    assert a == b
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_writes_a_loadable_adapter(tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = _workdir(tmp_path / "ddp", tiny_model("llama"), _rows(16), _rows(4))
+    (root / "params.yaml").write_text("train:\n  max_steps: 3\n  batch_size: 2\n  save_steps: 2\n  logging_steps: 1\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # torchrun: on a CPU-only machine `accelerate launch --num_processes 2` starts one process (its
+    # MULTI_CPU mode goes through mpirun); torchrun starts two, and Trainer picks gloo for them.
+    launcher = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", "29517", "-m", "lorapipe", "train"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "models/base"), root / "models/adapter")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
