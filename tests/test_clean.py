@@ -3,6 +3,7 @@ accounting. Runs the real stage on small files with SmolLM2's real tokenizer (no
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -297,3 +298,18 @@ def test_rules_file_errors_name_the_file_and_rule(tmp_path, text, message):
     with pytest.raises(LorapipeError, match=message) as err:
         clean.load_rules(path)
     assert str(path) in str(err.value)
+
+
+def test_parallel_workers_write_the_same_bytes_as_one_process(project, monkeypatch):
+    """Workers only examine rows; deciding (dedupe, split, order) stays in one process."""
+    rows = [row(f"I feel sad about thing {i % 150}", f"I'm sorry that thing {i % 150} weighs on you.")
+            for i in range(600)] + ["{not json", [1, 2]]
+    write_raw(project, "many", rows)
+    monkeypatch.setattr(clean, "_BLOCK_BYTES", 2000)  # many small blocks: exercise the hand-over
+    outputs = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(clean, "Settings", functools.partial(clean.Settings, workers=workers))
+        metrics = run()
+        outputs[workers] = [(project / p).read_bytes() for p in ("data/clean/train.jsonl", "data/clean/eval.jsonl", "data/clean/rejects.jsonl")]
+        assert metrics["kept"] == 150 and metrics["rejected"] == 452
+    assert outputs[1] == outputs[2]

@@ -14,33 +14,46 @@ In order, a line is
   7. put in train or eval by a hash of its fingerprint and `data.split.salt`, so a row's side never
      depends on other rows: adding data never moves an existing row between train and eval.
 
-Speed (benchmarks/clean_throughput.py): rows are streamed in batches and only the decisions that
-need a tokenizer wait for the batch. Most rows never need tokenizing, exactly: every token covers at
-least one byte of the (tokenizer-normalised) text, so a row whose contents plus the template's own
-bytes fit in `max_tokens` cannot be too long (ChatLength.upper_bound); and a row with more words or
-CJK ideographs than tokens allow cannot fit (ChatLength.lower_bound). Rows between the two are
-rendered with the compiled chat template and counted in one batched call of the fast tokenizer;
-every 997th row decided by a bound is counted too, and a bound that fails stops the stage.
-Memory holds one batch plus a 16-byte fingerprint per kept row.
+Speed (benchmarks/clean_throughput.py): everything that needs no other row (steps 1-5 bar the
+token count, the fingerprint, the split side) is done by _Examiner, in worker processes when the
+input is large (one per CPU; output identical for any number); this process then takes the rows in
+input order, in batches, and does what needs order or the tokenizer: dedupe, counting, writing.
+The per-row path avoids work a row does not need: orjson parses (json re-parses the rare row that
+holds a number, to keep json's exact values), a row ingest wrote is recognised with a few C-level
+calls and copied to the output as the bytes read, normalisation skips NFKC when the quick check
+passes, reply rules run their regexes only on replies that hold one of the literals every match
+needs. Most rows never need tokenizing, exactly: every token covers at least one byte of the
+(tokenizer-normalised) text, so a row whose contents plus the template's own bytes fit in
+`max_tokens` cannot be too long (ChatLength.upper_bound); and a row with more words or CJK
+ideographs than tokens allow cannot fit (ChatLength.lower_bound). Rows between the two are rendered
+with the compiled chat template and counted in one batched call of the fast tokenizer; every 997th
+row decided by a bound is counted too, and a bound that fails stops the stage.
+Memory holds a few blocks of raw lines per worker, one batch, and a 16-byte fingerprint per kept row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
+import multiprocessing
+import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, Iterator
 
+import orjson
 import yaml
 
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import atomic_path, dump_jsonl_line, iter_jsonl, write_json
+from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
-from lorapipe.core.sharegpt import INVALID_REASONS, Invalid, fingerprint, normalise_many, validate_row
+from lorapipe.core.sharegpt import INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, normalise_many, plain_turns
 
 METRICS_JSON = paths.METRICS_DIR / "data.json"
 
@@ -106,6 +119,11 @@ def required_literals(pattern: re.Pattern) -> frozenset[str] | None:
         return None
 
 
+def _fewest_literals(literals: set[str]) -> tuple[str, ...]:
+    """The literals that contain no other one: a text holding "kill yourself" holds "yourself"."""
+    return tuple(sorted(lit for lit in literals if not any(other != lit and other in lit for other in literals)))
+
+
 @dataclass(frozen=True)
 class Rule:
     """One named reply check from the rules file; `name` is the reject reason."""
@@ -116,27 +134,49 @@ class Rule:
     min_chars: int | None = None
     full_match: re.Pattern | None = None
     contains: tuple[re.Pattern, ...] = ()
-    # For `contains`: one regex of plain literals that every match of any pattern contains (see
-    # required_literals), or None when some pattern has none.
-    trigger: re.Pattern | None = None
+    # For `full_match` and `contains`: plain strings of which every match of the pattern(s) contains
+    # at least one (see required_literals), or None when some pattern has none. A reply holding none
+    # of them cannot match, and `in` (a C substring search) rules that out far faster than the re
+    # module, which has no multi-literal search.
+    trigger: tuple[str, ...] | None = None
 
-    def matches(self, replies: list[str]) -> str | None:
-        """The first of the (normalised) replies this rule rejects, or None."""
+    def __post_init__(self) -> None:
+        if self.trigger is not None:  # an ASCII text can hold only the ASCII literals: fewer searches
+            object.__setattr__(self, "_ascii_trigger", tuple(lit for lit in self.trigger if lit.isascii()))
+
+    def _triggered(self, joined: str) -> bool:
+        return any(map(joined.__contains__, self._ascii_trigger if joined.isascii() else self.trigger))
+
+    def matches(self, replies: list[str], joined: str) -> str | None:
+        """The first of the (normalised) replies this rule rejects, or None.
+
+        `joined` is the replies joined by a newline (normalised text has none), so one substring
+        search per trigger literal covers them all.
+        """
         if self.no_content:
-            return next((r for r in replies if _HAS_CONTENT.search(r) is None), None)
+            for r in replies:
+                if _HAS_CONTENT.search(r) is None:
+                    return r
+            return None
         if self.min_chars is not None:
-            return next((r for r in replies if len(r) - r.count(" ") < self.min_chars), None)
+            for r in replies:
+                if len(r) - r.count(" ") < self.min_chars:
+                    return r
+            return None
+        if self.trigger is not None and not self._triggered(joined):
+            return None
         if self.full_match is not None:
+            # The pattern must match the whole reply from its first to its last letter or digit.
             for r in replies:
                 core = _CORE.search(r)
                 if core is not None and self.full_match.fullmatch(core.group()):
                     return r
             return None
-        # Replies joined by a newline (normalised text has none) so one scan covers them all; the
-        # literal trigger rules out almost every reply before any pattern runs.
-        if self.trigger is not None and not self.trigger.search("\n".join(replies)):
-            return None
-        return next((r for r in replies if any(rx.search(r) for rx in self.contains)), None)
+        for r in replies:
+            for rx in self.contains:
+                if rx.search(r):
+                    return r
+        return None
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # CJK ideographs (incl. ext. A, compatibility)
@@ -193,21 +233,22 @@ def load_rules(path: str | Path) -> list[Rule]:
                     raise LorapipeError(f"{where}: {check}[{j}] is not a valid regex: {exc}") from None
             if check == "full_match":  # anchored: one alternation is as fast as one pattern
                 kwargs[check] = re.compile("|".join(f"(?:{p})" for p in value))
+                patterns = [kwargs[check]]
             else:
-                kwargs[check] = tuple(map(re.compile, value))
-                literals = [required_literals(rx) for rx in kwargs[check]]
-                if all(literals):
-                    # Outer spaces trimmed: a leading space would make every space a match attempt.
-                    alternatives = sorted({lit.strip(" ") or lit for lit in set().union(*literals)}, key=len, reverse=True)
-                    kwargs["trigger"] = re.compile("|".join(map(re.escape, alternatives)))
+                kwargs[check] = patterns = tuple(map(re.compile, value))
+            literals = [required_literals(rx) for rx in patterns]
+            if all(literals):
+                # Outer spaces trimmed: a shorter literal is still in every match.
+                kwargs["trigger"] = _fewest_literals({lit.strip(" ") or lit for lit in set().union(*literals)})
         rules.append(Rule(name=name, description=str(spec.get("description", "")), **kwargs))
     return rules
 
 
 def first_broken_rule(rules: list[Rule], replies: list[str]) -> tuple[str, str] | None:
     """(rule name, offending reply) for the first rule that rejects any normalised reply, else None."""
+    joined = replies[0] if len(replies) == 1 else "\n".join(replies)
     for rule in rules:
-        reply = rule.matches(replies)
+        reply = rule.matches(replies, joined)
         if reply is not None:
             return rule.name, reply
     return None
@@ -293,10 +334,19 @@ class ChatLength:
         most one per segment between special tokens: 4 per message + 8 is generous. No special
         tokens are added by the tokenizer (the template already wrote them). None = unknown: render.
         """
-        overhead = self._overhead(tuple(m["role"] for m in messages))
+        return self.upper_bound_of(tuple(m["role"] for m in messages), [m["content"] for m in messages])
+
+    def upper_bound_of(self, roles: tuple[str, ...], contents: list[str]) -> int | None:
+        """upper_bound() of the messages with these roles and contents."""
+        overhead = self._overhead(roles)
         if overhead is None:
             return None
-        return overhead + sum(self._size(m["content"]) for m in messages) + 4 * len(messages) + 8
+        if self._normalizer is None:  # the byte sizes add up: measure the contents in one piece
+            text = "".join(contents)
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        else:
+            size = sum(map(self._size, contents))
+        return overhead + size + 4 * len(contents) + 8
 
     def lower_bound(self, text: str) -> int:
         """A number of tokens the rendered `text` has at least, found without tokenizing it.
@@ -307,15 +357,19 @@ class ChatLength:
         (2) no token holds more CJK ideographs than the most any vocabulary entry holds (K, read from
         the vocabulary once), so tokens >= ideographs / K.
         """
-        if self._max_cjk_per_token is None:
-            backend = self._tokenizer.backend_tokenizer
-            vocab = backend.get_vocab(with_added_tokens=True)
-            self._max_cjk_per_token = max(1, max(len(_CJK.findall(backend.decode([i], skip_special_tokens=False))) for i in vocab.values()))
-        n = -(-len(_CJK.findall(text)) // self._max_cjk_per_token)
+        n = -(-len(_CJK.findall(text)) // self.max_cjk_per_token())
         if self._splits_words:
             words = text.strip(_WHITE_SPACE)
             n = max(n, len(_WORD_GAP.split(words)) if words else 0)
         return n
+
+    def max_cjk_per_token(self) -> int:
+        """The most CJK ideographs any vocabulary entry holds (decodes the vocabulary once)."""
+        if self._max_cjk_per_token is None:
+            backend = self._tokenizer.backend_tokenizer
+            vocab = backend.get_vocab(with_added_tokens=True)
+            self._max_cjk_per_token = max(1, max(len(_CJK.findall(backend.decode([i], skip_special_tokens=False))) for i in vocab.values()))
+        return self._max_cjk_per_token
 
     def count(self, texts: list[str]) -> list[int]:
         """Token counts, one batched call into the Rust tokenizer (parallel across cores)."""
@@ -336,6 +390,9 @@ class Settings:
     # Render and tokenize every n-th row that the size bound let through, to check the bound at run
     # time; 1 = count every row (slow, exact counts for all).
     bound_check_every: int = 997
+    # Processes examining rows in parallel; None = one per CPU when the input is large enough to
+    # pay for starting them (worker_count). The output does not depend on it.
+    workers: int | None = None
 
 
 @dataclass
@@ -387,206 +444,463 @@ class Report:
         }
 
 
-class _Item:
-    """One raw line on its way through a batch."""
-
-    __slots__ = ("lineno", "text", "row", "messages", "reason", "detail", "fp", "tokens", "bound", "floor", "changed")
-
-    def __init__(self, lineno: int, text: str):
-        self.lineno, self.text = lineno, text
-        self.row = self.messages = self.reason = self.detail = self.fp = self.tokens = self.bound = self.floor = None
-        self.changed = False
-
-
 class Outputs:
-    """The three open output files (temporary paths until the stage succeeds)."""
+    """The three open output files, in binary mode (temporary paths until the stage succeeds).
 
-    def __init__(self, train: TextIO, eval: TextIO, rejects: TextIO):
+    Binary, because a kept row already in output form is copied as the raw bytes it was read as.
+    """
+
+    def __init__(self, train: BinaryIO, eval: BinaryIO, rejects: BinaryIO):
         self.train, self.eval, self.rejects = train, eval, rejects
 
 
-class Cleaner:
-    """The clean stage's core: stream raw files into train / eval / rejects and count everything."""
+# ------------------------------------------------------------------------------- reading a line
+_BOM = b"\xef\xbb\xbf"
+_STRICT_REASONS = frozenset((*READ_REASONS, *INVALID_REASONS))  # what data.clean.strict turns into an error
+
+
+def _strings_only(row: Any) -> bool:
+    """True if the parsed row holds no number anywhere (only dicts, lists of dicts and strings).
+
+    orjson parses 2-3x faster than the json module (a well-kept library; it is already a dependency
+    of dvc) and gives the same values, except that it turns integers beyond 64 bits into floats. So
+    its value is used only for rows without numbers (every row ingest writes); any other row is
+    parsed again by json, and stays exactly what json reads.
+    """
+    try:
+        if row.keys() == ROW_KEYS:
+            if type(row["source"]) is not str or type(row["origin"]) is not str:
+                return False
+        elif not all([type(v) is str for k, v in row.items() if k != "messages"]):
+            return False
+        "".join(chain.from_iterable(map(dict.values, row["messages"])))  # TypeError unless dicts of strings
+        return True
+    except (AttributeError, TypeError, KeyError):  # not a dict, no messages, a non-string somewhere
+        return False
+
+
+def _parse_with_json(raw: bytes) -> tuple[Any, tuple[str, str, str] | None]:
+    """(value, None), or (None, (reason, detail, text as read)) for a line that is not JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, ("invalid_utf8", f"invalid UTF-8 at byte {exc.start}", raw.decode("utf-8", "replace"))
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, ("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})", text)
+
+
+def parse_line(raw: bytes) -> tuple[Any, bool, tuple[str, str, str] | None]:
+    """(value, strings_only, error) of one raw line (no line end): the value json.loads gives."""
+    try:
+        row = orjson.loads(raw)
+        if _strings_only(row):
+            return row, True, None
+    except orjson.JSONDecodeError:  # invalid JSON, invalid UTF-8, NaN, a lone surrogate escape...: json decides
+        pass
+    row, error = _parse_with_json(raw)
+    return row, False, error
+
+
+def _plain_row(raw: bytes) -> tuple[dict, tuple[str, ...], list[str]] | None:
+    """(row, roles, contents) if the line is a valid row exactly as ingest writes them, else None.
+
+    The fast path of nearly every row: keys messages/source/origin, string source and origin, and
+    messages of a role and a content each that pass validation. Such a row holds strings only, so
+    orjson's value is exact (see _strings_only) and it can be copied to the output as read.
+    """
+    try:
+        row = orjson.loads(raw)
+        if row.keys() == ROW_KEYS and type(row["source"]) is str and type(row["origin"]) is str:
+            turns = plain_turns(row["messages"])
+            if turns is not None:
+                return row, *turns
+    except (orjson.JSONDecodeError, AttributeError):  # AttributeError: not an object
+        pass
+    return None
+
+
+def _dump_line(obj: dict, strings_only: bool) -> bytes:
+    """One JSONL line as core.io.dump_jsonl_line writes it (compact, non-ASCII as is), in UTF-8.
+
+    orjson writes exactly the same bytes for strings (checked for every code point) but not for
+    every number, so it serialises only rows known to hold strings only.
+    """
+    if strings_only:
+        try:
+            return orjson.dumps(obj) + b"\n"
+        except TypeError:  # a lone surrogate (e.g. in the system prompt): json writes it escaped below
+            pass
+    # backslashreplace: a lone surrogate kept from a JSON \\udXXX escape is written as that escape.
+    return dump_jsonl_line(obj).encode("utf-8", "backslashreplace")
+
+
+def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: str, lineno: int, source: str) -> dict:
+    """The rejects.jsonl record of a line: the row as parsed, or the line's text when unreadable."""
+    at = f"{label}:{lineno}"
+    record: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail,
+        "source": row.get("source") if isinstance(row, dict) and isinstance(row.get("source"), str) else source,
+        "at": at,
+        "origin": (row.get("origin") if isinstance(row, dict) else None) or at,
+    }
+    if reason == "quarantined":
+        record["raw"] = row.get("raw")
+    elif row is None:  # unreadable line (or a JSON null): keep its text as read
+        record["raw"] = text
+    else:
+        record["row"] = row
+    return record
+
+
+# ------------------------------------------------------------------------- examining one row
+# What _Examiner returns for each non-blank line, in input order. Plain tuples: they are built for
+# every row and, with worker processes, pickled back to the parent, where a tuple is the cheapest.
+#   rejected here:  (lineno, reason, detail, record line)
+#   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, raw line, kept line or None
+#                    (= the raw line as is), rendering or None)
+#   rendering (for rows the upper bound cannot clear): (lower bound, rendered text, None) or
+#                    (None, None, error message) when the template cannot render the row.
+
+
+class _Examiner:
+    """Everything the stage decides about a row without looking at other rows.
+
+    Parse, validate, add the system prompt, normalise, apply the reply rules, fingerprint, pick the
+    split side, bound the token length (rendering rows the bound cannot clear). Runs in worker
+    processes when there are enough rows; the parent then only dedupes, counts tokens and writes.
+    """
 
     def __init__(self, settings: Settings, length: ChatLength, rules: list[Rule]):
         self.s = settings
         self.length = length
         self.rules = rules
+        self._salt = settings.salt.encode("utf-8") + b"\x00"
+        self._eval_cut = int(settings.eval_fraction * 2**64)
+
+    def block(self, label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
+        """Examine the lines of a block of whole lines of a file, its first line numbered first_lineno."""
+        examined = []
+        for offset, raw in enumerate(block.split(b"\n")):
+            lineno = first_lineno + offset
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")  # CRLF line ends
+            if raw and not raw.isspace():  # blank lines hold no row: not read, not counted
+                examined.append(self.line(label, source, lineno, raw))
+        return examined
+
+    def line(self, label: str, source: str, lineno: int, raw: bytes) -> tuple:
+        plain = _plain_row(raw)
+        if plain is not None:
+            row, roles, contents = plain
+            strings_only = verbatim = True
+        else:
+            row, strings_only, error = parse_line(raw)
+            if error is not None:
+                reason, detail, text = error
+                return self._rejected(reason, detail, None, strings_only, text, label, lineno, source)
+            if type(row) is dict and "messages" not in row and "error" in row:
+                # ingest could not read this input and quarantined it: count it, keep its text.
+                return self._rejected("quarantined", str(row["error"]), row, strings_only, None, label, lineno, source)
+            try:
+                roles, contents = checked_turns(row)
+            except Invalid as exc:
+                return self._rejected(exc.reason, exc.detail, row, strings_only, raw.decode("utf-8"), label, lineno, source)
+            verbatim = row.keys() == ROW_KEYS and type(row["source"]) is str and type(row["origin"]) is str
+        messages = row["messages"]
+        system_prompt = self.s.system_prompt
+        if system_prompt and roles[0] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+            roles, contents, verbatim = ("system", *roles), [system_prompt, *contents], False
+
+        # After the optional system turn the dialogue is user, assistant, user, ..., assistant.
+        normalised = normalise_many(contents[1:] if roles[0] == "system" else contents)
+        replies = normalised[1::2]
+        broken = first_broken_rule(self.rules, replies)
+        if broken:
+            return self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, strings_only, None, label, lineno, source)
+        fp = dialogue_fingerprint(normalised)
+        to_eval = int.from_bytes(hashlib.blake2b(self._salt + fp, digest_size=8).digest(), "big") < self._eval_cut
+        bound = self.length.upper_bound_of(roles, contents)
+
+        if verbatim:
+            kept_line = None  # already in output form: the raw line is copied, not re-serialised
+        else:
+            extra = {k: v for k, v in row.items() if k not in ROW_KEYS}
+            kept_line = _dump_line({
+                "messages": messages,
+                "source": row["source"] if isinstance(row.get("source"), str) else source,
+                "origin": row.get("origin") or f"{label}:{lineno}",
+                **extra,
+            }, strings_only)
+        rendering = None
+        if bound is None or bound > self.s.max_tokens:  # the parent will have to count its tokens
+            try:
+                text = self.length.render(messages)
+                rendering = (self.length.lower_bound(text), text, None)
+            except Exception as exc:  # e.g. a template that raises on a system turn (jinja's raise_exception)
+                rendering = (None, None, f"{label}:{lineno}: the base model's chat template cannot render this row: {exc}")
+        return (lineno, None, fp, to_eval, bound, raw, kept_line, rendering)
+
+    def _rejected(self, reason: str, detail: str, row: Any, strings_only: bool, text: str | None, label: str, lineno: int, source: str) -> tuple:
+        record = _reject_record(reason, detail, row, text, label, lineno, source)
+        return (lineno, reason, detail, _dump_line(record, strings_only))
+
+    def messages_of(self, raw: bytes) -> list[dict]:
+        """The messages of a valid row's raw line as the stage uses them (system prompt added)."""
+        messages = parse_line(raw)[0]["messages"]
+        if self.s.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.s.system_prompt}, *messages]
+        return messages
+
+
+def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, block) for consecutive blocks of ~size bytes of whole lines."""
+    lineno = 1
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            if not block.endswith(b"\n"):
+                block += f.readline()  # complete the last line
+            yield lineno, block
+            lineno += block.count(b"\n")
+
+
+# --------------------------------------------------------------------------- worker processes
+_BLOCK_BYTES = 1 << 20  # raw bytes per unit of work: ~1,000-5,000 rows, a few ms to hand over
+_PARALLEL_MIN_BYTES = 8 << 20  # below this, starting workers costs more than it saves
+_worker_examiner: _Examiner | None = None  # in a worker process: its copy of the parent's examiner
+
+
+def _init_worker(examiner: _Examiner) -> None:
+    global _worker_examiner
+    _worker_examiner = examiner
+
+
+def _examine_block_in_worker(label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
+    return _worker_examiner.block(label, source, first_lineno, block)
+
+
+def worker_count(settings: Settings, files: list[Path]) -> int:
+    """How many processes examine rows: settings.workers, else one per idle CPU for large inputs.
+
+    Idle, because workers only pay off on CPUs nobody else uses: on a saturated machine they add
+    their hand-over costs (~20% more CPU in all) and finish no sooner (measured on the 2-core
+    development machine under a load of 6-8). The count never changes the output.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():  # workers inherit the loaded tokenizer
+        return 1
+    if settings.workers is not None:
+        return max(1, settings.workers)
+    total = sum(p.stat().st_size for p in files)
+    if total < _PARALLEL_MIN_BYTES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])  # runnable processes, averaged over the last minute
+    except OSError:  # not available on this platform
+        busy = 0
+    idle = cpus - busy
+    return idle if idle >= 2 else 1
+
+
+class _ExaminerPool:
+    """Examines the blocks of a file in worker processes; yields the results in input order.
+
+    At most two blocks per worker are in flight, so memory stays a few blocks however large the
+    file. Workers are forked: they inherit the tokenizer and template without reloading them, and
+    gc.freeze() keeps the parent's objects out of their garbage collections, so those pages stay
+    shared instead of being copied into every worker.
+    """
+
+    def __init__(self, examiner: _Examiner, workers: int):
+        examiner.length.max_cjk_per_token()  # compute once here, not once per worker
+        self.workers = workers
+        gc.freeze()
+        try:
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(examiner,))
+        except BaseException:
+            gc.unfreeze()
+            raise
+
+    def examined(self, label: str, source: str, path: Path) -> Iterator[tuple]:
+        pending: deque = deque()
+        for first_lineno, block in _blocks(path, _BLOCK_BYTES):
+            pending.append(self.pool.apply_async(_examine_block_in_worker, (label, source, first_lineno, block)))
+            if len(pending) >= 2 * self.workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+        gc.unfreeze()
+
+
+# ------------------------------------------------------------------------------------- the stage
+class Cleaner:
+    """The clean stage's core: stream raw files into train / eval / rejects and count everything.
+
+    Rows are examined (by _Examiner, maybe in workers) and then decided here, in input order and in
+    batches of settings.batch_size rows: dedupe against the rows kept so far, token counting of the
+    rows the bounds cannot decide (one batched tokenizer call), writing.
+    """
+
+    def __init__(self, settings: Settings, length: ChatLength, rules: list[Rule]):
+        self.s = settings
+        self.length = length
+        self.examiner = _Examiner(settings, length, rules)
         self.report = Report(dropped={r: 0 for r in (*READ_REASONS, *INVALID_REASONS, *(r.name for r in rules), *FILTER_REASONS)})
         # fingerprint -> (file index << 32 | line) of the kept row: fixed size per unique row.
         self._seen: dict[bytes, int] = {}
         self._files: list[str] = []
-        self._salt = settings.salt.encode("utf-8") + b"\x00"
-        self._eval_cut = int(settings.eval_fraction * 2**64)
         self._since_check = 0
 
-    # --- public
-    def clean_file(self, path: Path, out: Outputs, show_progress: bool = True) -> None:
+    def clean_file(self, path: Path, out: Outputs, pool: _ExaminerPool | None = None, show_progress: bool = True) -> None:
         label = str(path)
         self._files.append(label)
         file_index = len(self._files) - 1
         source = path.stem
         counts = self.report.sources.setdefault(source, Counts())
-        lines = iter_jsonl(path)
+        if pool is None:
+            examined = chain.from_iterable(self.examiner.block(label, source, first, block) for first, block in _blocks(path, _BLOCK_BYTES))
+        else:
+            examined = pool.examined(label, source, path)
         if show_progress:
-            lines = progress(lines, desc=f"clean {path.name}", unit="row")
-        batch: list[_Item] = []
-        for line in lines:
-            item = _Item(line.lineno, line.text)
-            self._examine(item, line, label, source)
+            examined = progress(examined, desc=f"clean {path.name}", unit="row")
+        batch: list[tuple] = []
+        for item in examined:
             batch.append(item)
             if len(batch) >= self.s.batch_size:
-                self._flush(batch, out, label, file_index, source, counts)
+                self._decide(batch, out, label, file_index, source, counts)
                 batch = []
-        self._flush(batch, out, label, file_index, source, counts)
+        self._decide(batch, out, label, file_index, source, counts)
 
     def metrics(self) -> dict:
         return self.report.metrics()
 
-    # --- per line: everything that needs no tokenizer
-    def _examine(self, item: _Item, line, label: str, source: str) -> None:
-        if line.error:
-            self._reject(item, "invalid_utf8" if line.error.startswith("invalid UTF-8") else "invalid_json", line.error, label)
-            return
-        row = item.row = line.value
-        if isinstance(row, dict) and "messages" not in row and "error" in row:
-            # ingest could not read this input and quarantined it: count it, keep its text.
-            self._reject(item, "quarantined", str(row["error"]), label)
-            return
-        try:
-            messages = validate_row(row)
-        except Invalid as exc:
-            self._reject(item, exc.reason, exc.detail, label)
-            return
-        if self.s.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.s.system_prompt}, *messages]
-            item.changed = True
-        item.messages = messages
-        turns = list(zip([m["role"] for m in messages], normalise_many([m["content"] for m in messages])))
-        broken = first_broken_rule(self.rules, [text for role, text in turns if role == "assistant"])
-        if broken:
-            item.reason, item.detail = broken[0], f"assistant reply {broken[1][:80]!r}"
-            return
-        item.fp = fingerprint(turns)
-        if item.fp in self._seen:  # already kept: no need to render or count it
-            item.reason = "duplicate"
-            return
-        item.bound = self.length.upper_bound(messages)
+    def _decide(self, batch: list[tuple], out: Outputs, label: str, file_index: int, source: str, counts: Counts) -> None:
+        """Decide a batch of examined rows in input order: dedupe, count tokens where needed, write.
 
-    def _reject(self, item: _Item, reason: str, detail: str, label: str) -> None:
-        if self.s.strict:
-            raise LorapipeError(f"{label}:{item.lineno}: {reason}: {detail} (data.clean.strict is true; set it to false to reject bad rows instead)")
-        item.reason, item.detail = reason, detail
+        Items are _Examiner's tuples (layout above _Examiner): item[1] is the reason of a row it
+        rejected, else None; a candidate's fields are fingerprint [2], to_eval [3], upper bound [4],
+        raw line [5], kept line [6], rendering [7].
+        """
+        s, seen = self.s, self._seen
+        if s.strict:  # the first unreadable or invalid row of the batch stops the stage
+            for item in batch:
+                if item[1] in _STRICT_REASONS:
+                    raise LorapipeError(f"{label}:{item[0]}: {item[1]}: {item[2]} (data.clean.strict is true; set it to false to reject bad rows instead)")
 
-    # --- per batch: count the tokens that need counting, then decide in input order
-    def _flush(self, batch: list[_Item], out: Outputs, label: str, file_index: int, source: str, counts: Counts) -> None:
-        to_count: list[_Item] = []
-        for item in batch:
-            if item.reason is not None:
+        # Which rows get their tokens counted: those the upper bound cannot clear, and every
+        # bound_check_every-th row it did clear (a run-time check of the bound). A row that repeats
+        # one kept in an earlier batch is a duplicate at once and never counted.
+        duplicates: set[int] = set()
+        to_count: list[int] = []
+        for i, item in enumerate(batch):
+            if item[1] is not None:
                 continue
-            if item.bound is None or item.bound > self.s.max_tokens:
-                to_count.append(item)
+            if item[2] in seen:
+                duplicates.add(i)
+                continue
+            bound = item[4]
+            if bound is None or bound > s.max_tokens:
+                to_count.append(i)
             else:
                 self._since_check += 1
-                if self._since_check >= self.s.bound_check_every:
+                if self._since_check >= s.bound_check_every:
                     self._since_check = 0
-                    to_count.append(item)
-        texts = [self._render(item, label) for item in to_count]
+                    to_count.append(i)
+        texts: list[str] = []
+        for i in to_count:
+            rendering = batch[i][7]
+            if rendering is None:  # a sampled row the bound cleared: rendered only now
+                texts.append(self._render(batch[i], label))
+            elif rendering[2] is not None:
+                raise LorapipeError(rendering[2])
+            else:
+                texts.append(rendering[1])
         # Rows certainly too long by the floor are not tokenized either (bar the sampled checks).
-        floors = [self.length.lower_bound(t) if item.bound is None or item.bound > self.s.max_tokens else 0
-                  for item, t in zip(to_count, texts)]
-        exact = []
-        for item, text, floor in zip(to_count, texts, floors):
-            if floor > self.s.max_tokens:
-                item.floor = floor
+        floors: dict[int, int] = {}
+        exact: list[tuple[int, str]] = []
+        for i, text in zip(to_count, texts):
+            rendering = batch[i][7]
+            if rendering is not None and rendering[0] > s.max_tokens:
+                floors[i] = rendering[0]
                 self._since_check += 1
-                if self._since_check < self.s.bound_check_every:
+                if self._since_check < s.bound_check_every:
                     continue
                 self._since_check = 0
-            exact.append((item, text))
-        for (item, _), n in zip(exact, self.length.count([t for _, t in exact])):
-            item.tokens = n
-            if (item.bound is not None and n > item.bound) or (item.floor is not None and n < item.floor):
-                raise RuntimeError(f"{label}:{item.lineno}: {n} tokens, outside the bounds [{item.floor}, {item.bound}]: "
+            exact.append((i, text))
+        tokens: dict[int, int] = {}
+        for (i, _), n in zip(exact, self.length.count([t for _, t in exact])):
+            tokens[i] = n
+            bound, floor = batch[i][4], floors.get(i)
+            if (bound is not None and n > bound) or (floor is not None and n < floor):
+                raise RuntimeError(f"{label}:{batch[i][0]}: {n} tokens, outside the bounds [{floor}, {bound}]: "
                                    "the length shortcut does not hold for this tokenizer/template")
         self.report.token_counted += len(exact)
 
-        for item in batch:
+        total, dropped = self.report.total, self.report.dropped
+        for i, item in enumerate(batch):
             counts.read += 1
-            if item.reason is None:
-                if item.tokens is not None and item.tokens > self.s.max_tokens:
-                    item.reason, item.detail = "too_long", f"{item.tokens} tokens > max_tokens {self.s.max_tokens}"
-                elif item.floor is not None:
-                    item.reason, item.detail = "too_long", f"at least {item.floor} tokens > max_tokens {self.s.max_tokens}"
-                elif item.fp in self._seen:
-                    item.reason = "duplicate"
+            total.read += 1
+            reason = item[1]
+            if reason is not None:  # rejected by the examiner: its record is written already
+                out.rejects.write(item[3])
+            else:
+                lineno, _, fp, to_eval, _, raw, kept_line, _ = item
+                n = tokens.get(i)
+                if n is not None and n > s.max_tokens:
+                    reason, detail = "too_long", f"{n} tokens > max_tokens {s.max_tokens}"
+                elif i in floors:
+                    reason, detail = "too_long", f"at least {floors[i]} tokens > max_tokens {s.max_tokens}"
+                elif i in duplicates or fp in seen:
+                    kept = seen[fp]
+                    reason, detail = "duplicate", f"same user+assistant text as {self._files[kept >> 32]}:{kept & 0xFFFFFFFF}"
                 else:
-                    self._seen[item.fp] = file_index << 32 | item.lineno
-                    self._keep(item, out, label, source, counts)
+                    seen[fp] = file_index << 32 | lineno
+                    line = kept_line or raw + b"\n"
+                    if to_eval:
+                        out.eval.write(line)
+                        counts.eval += 1
+                        total.eval += 1
+                    else:
+                        out.train.write(line)
+                        counts.train += 1
+                        total.train += 1
                     continue
-            self._write_reject(item, out, label, source, counts)
+                row, strings_only, _ = parse_line(raw)  # parsed again only for this reject record
+                out.rejects.write(_dump_line(_reject_record(reason, detail, row, None, label, lineno, source), strings_only))
+            counts.rejected += 1
+            total.rejected += 1
+            dropped[reason] += 1
 
-    def _render(self, item: _Item, label: str) -> str:
+    def _render(self, item: tuple, label: str) -> str:
         try:
-            return self.length.render(item.messages)
+            return self.length.render(self.examiner.messages_of(item[5]))
         except Exception as exc:  # e.g. a template that raises on a system turn (jinja's raise_exception)
-            raise LorapipeError(f"{label}:{item.lineno}: the base model's chat template cannot render this row: {exc}") from None
-
-    def _keep(self, item: _Item, out: Outputs, label: str, source: str, counts: Counts) -> None:
-        h = hashlib.blake2b(self._salt + item.fp, digest_size=8).digest()
-        to_eval = int.from_bytes(h, "big") < self._eval_cut
-        row = item.row
-        if not item.changed and row.keys() == ROW_KEYS and isinstance(row["source"], str) and isinstance(row["origin"], str):
-            line = item.text + "\n"  # already in output form: copy the raw line, skip re-serialising
-        else:
-            extra = {k: v for k, v in row.items() if k not in ROW_KEYS}
-            line = dump_jsonl_line({
-                "messages": item.messages,
-                "source": row["source"] if isinstance(row.get("source"), str) else source,
-                "origin": row.get("origin") or f"{label}:{item.lineno}",
-                **extra,
-            })
-        if to_eval:
-            out.eval.write(line)
-            counts.eval += 1
-            self.report.total.eval += 1
-        else:
-            out.train.write(line)
-            counts.train += 1
-            self.report.total.train += 1
-        self.report.total.read += 1
-
-    def _write_reject(self, item: _Item, out: Outputs, label: str, source: str, counts: Counts) -> None:
-        row = item.row
-        detail = item.detail
-        if item.reason == "duplicate":
-            kept = self._seen[item.fp]
-            detail = f"same user+assistant text as {self._files[kept >> 32]}:{kept & 0xFFFFFFFF}"
-        record: dict[str, Any] = {
-            "reason": item.reason,
-            "detail": detail,
-            "source": row.get("source") if isinstance(row, dict) and isinstance(row.get("source"), str) else source,
-            "at": f"{label}:{item.lineno}",
-            "origin": (row.get("origin") if isinstance(row, dict) else None) or f"{label}:{item.lineno}",
-        }
-        if item.reason == "quarantined":
-            record["raw"] = row.get("raw")
-        elif row is None:  # unreadable line: keep its text as read
-            record["raw"] = item.text
-        else:
-            record["row"] = row
-        out.rejects.write(dump_jsonl_line(record))
-        counts.rejected += 1
-        self.report.total.rejected += 1
-        self.report.total.read += 1
-        self.report.dropped[item.reason] += 1
+            raise LorapipeError(f"{label}:{item[0]}: the base model's chat template cannot render this row: {exc}") from None
 
 
 def clean_files(files: list[Path], out: Outputs, settings: Settings, length: ChatLength, rules: list[Rule], show_progress: bool = True) -> dict:
-    """Clean `files` in order into `out`; return the metrics (accounting checked)."""
+    """Clean `files` in order into `out`; return the metrics (accounting checked).
+
+    The output is the same whatever the number of worker processes: workers only examine rows,
+    and this process takes their results in input order.
+    """
     cleaner = Cleaner(settings, length, rules)
-    for path in files:
-        cleaner.clean_file(path, out, show_progress=show_progress)
+    workers = worker_count(settings, files)
+    pool = _ExaminerPool(cleaner.examiner, workers) if workers > 1 else None
+    try:
+        for path in files:
+            cleaner.clean_file(path, out, pool, show_progress=show_progress)
+    finally:
+        if pool is not None:
+            pool.close()
     return cleaner.metrics()
 
 
@@ -610,8 +924,7 @@ def run(params) -> dict:
         handles = []
         for final in (paths.TRAIN_JSONL, paths.EVAL_JSONL, paths.REJECTS_JSONL):
             tmp = stack.enter_context(atomic_path(final))
-            # backslashreplace: a lone surrogate kept in a reject's raw text is written as a JSON \\udXXX escape.
-            handles.append(stack.enter_context(open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="\n")))
+            handles.append(stack.enter_context(open(tmp, "wb")))  # lines are written as UTF-8 bytes
         metrics = clean_files(files, Outputs(*handles), settings, length, rules)
     write_json(METRICS_JSON, metrics)
     if metrics["kept"] == 0:
