@@ -93,3 +93,110 @@ def tiny_model(smollm2_tokenizer_dir, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# ------------------------------------------------------------ tiny GGUFs (chat / serve / package tests)
+SCRIPTED_REPLY = ("Hello", "<|im_start|>", "Ġworld", "!")  # tokens; <|im_start|> must never be printed
+
+
+def build_scripted_model(tokenizer_dir: Path, out: Path, script=SCRIPTED_REPLY) -> Path:
+    """A real tiny Llama whose weights are set so that greedy (or any low-temperature) decoding after
+    a chat prompt emits `script` and then EOS (<|im_end|>), whatever the conversation.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is RMSNorm(embedding of the last
+    input token); an untied lm_head row pointing along that vector makes the wanted next token win
+    by a wide margin. The chain starts at the generation prompt's last token and ends at EOS, so
+    tests can check stopping and special-token hiding on real transformers / llama.cpp runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+    chain = [prompt_ids[-1], *tok.convert_tokens_to_ids(list(script)), tok.eos_token_id]
+    assert len(set(chain)) == len(chain), "scripted tokens must be distinct"
+    cfg = dict(TINY_CONFIGS["llama"])
+    cfg.pop("model_type")
+    cfg["tie_word_embeddings"] = False
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        head.mul_(0.1)
+        for prev, nxt in zip(chain, chain[1:]):
+            h = emb[prev] / emb[prev].pow(2).mean().sqrt()  # RMSNorm with unit weight
+            head[nxt] = 10.0 * h / h.norm()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(smollm2_tokenizer_dir, tiny_model, tmp_path_factory):
+    """Factory: tiny_gguf('random' | 'scripted') -> (HF folder, F16 GGUF converted by the pinned converter);
+    tiny_gguf('scripted', quant='Q4_K_M') -> (HF folder, that GGUF quantized by llama-quantize)."""
+    cache: dict = {}
+
+    def make(kind: str = "random", quant: str | None = None) -> tuple[Path, Path]:
+        if quant is not None:
+            if (kind, quant) not in cache:
+                from lorapipe.core.llamacpp_run import run_tool
+
+                folder, f16 = make(kind)
+                out = f16.with_name(f"model-{kind}-{quant.lower()}.gguf")
+                run_tool("llama-quantize", [f16, out, quant], what=f"quantize the tiny {kind} model")
+                cache[kind, quant] = (folder, out)
+            return cache[kind, quant]
+        if kind not in cache:
+            from lorapipe.stages.convert import convert
+
+            if kind == "random":
+                folder = tiny_model("llama")
+            else:
+                folder = build_scripted_model(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-scripted"))
+            gguf = tmp_path_factory.mktemp(f"gguf-{kind}") / f"model-{kind}-f16.gguf"
+            convert(folder, gguf, "f16", name=f"tiny-{kind}")
+            cache[kind] = (folder, gguf)
+        return cache[kind]
+
+    return make
+
+
+# ------------------------------------------------------------ LoRA adapters (merge / export tests)
+def build_lora_adapter(base_dir: Path, out: Path, *, rank: int = 4, seed: int = 1, std: float = 0.05) -> Path:
+    """A real peft LoRA adapter (all linear layers) on `base_dir`, saved with safetensors. lora_B is
+    filled with random non-zero values (peft initialises it to zero), so merging changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory):
+    """Factory: tiny_adapter('qwen2', hidden_size) -> (base folder, adapter folder)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", hidden_size: int | None = None) -> tuple[Path, Path]:
+        key = (arch, hidden_size)
+        if key not in cache:
+            base = tiny_model(arch, hidden_size)
+            cache[key] = (base, build_lora_adapter(base, tmp_path_factory.mktemp(f"adapter-{arch}-{hidden_size or 'default'}")))
+        return cache[key]
+
+    return make

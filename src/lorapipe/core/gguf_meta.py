@@ -46,3 +46,8 @@ def tensor_types(path_or_reader) -> dict[str, int]:
 def n_weights(path_or_reader) -> int:
     r = reader(path_or_reader) if isinstance(path_or_reader, (str, Path)) else path_or_reader
     return int(sum(int(t.n_elements) for t in r.tensors))
+
+
+def tensor_bytes(path_or_reader) -> int:
+    r = reader(path_or_reader) if isinstance(path_or_reader, (str, Path)) else path_or_reader
+    return int(sum(int(t.n_bytes) for t in r.tensors))

@@ -5,13 +5,13 @@ Two transformers-5 habits break the GGUF converter (TOOLCHAIN.md): it no longer 
 `added_tokens_decoder` into tokenizer_config.json (the converter reads token types from it, so
 `<|im_end|>`/`<end_of_turn>` would become NORMAL tokens that llama.cpp splits and never stops on),
 and it does not write `tokenizer.model` again for a SentencePiece tokenizer (the converter then takes
-the BPE route). `restore_added_tokens_decoder` and `copy_sentencepiece_model` undo both.
+the BPE route). `restore_added_tokens_decoder` restores the first; stages keep the second by copying
+tokenizer files from the base instead of re-saving them.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
@@ -83,15 +83,6 @@ def restore_added_tokens_decoder(folder: str | Path) -> int:
     }
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return len(added)
-
-
-def copy_sentencepiece_model(src: str | Path, dst: str | Path) -> bool:
-    """Keep the base's tokenizer.model in a re-saved folder (transformers 5 drops it)."""
-    src_file, dst_file = Path(src) / "tokenizer.model", Path(dst) / "tokenizer.model"
-    if src_file.is_file() and not dst_file.is_file():
-        shutil.copyfile(src_file, dst_file)
-        return True
-    return False
 
 
 def end_of_turn_token(chat_template: str | None, vocab: dict[str, int]) -> str | None:

@@ -18,5 +18,13 @@ REPORTS_DIR = Path("reports")
 
 
 def gguf_path(kind: str) -> Path:
-    """models/gguf/model-<kind>.gguf, kind lower-case (f16, q4_k_m, ...)."""
-    return GGUF_DIR / f"model-{kind.lower()}.gguf"
+    """models/gguf/model-<kind>.gguf, spelt as in params (f16, q4_k_m, ...).
+
+    Spelt exactly as the param so that dvc.yaml can name the same file with `${export.quant}`
+    (DVC templating cannot change case); llama-quantize reads the type in any case."""
+    return GGUF_DIR / f"model-{kind}.gguf"
+
+
+# stage package: small text files kept in git (dvc.yaml: cache: false)
+MODELFILE = GGUF_DIR / "Modelfile"
+MODEL_CARD = Path("models/README.md")

@@ -1,0 +1,271 @@
+"""HF <-> GGUF parity checks: tokens, chat template, stop tokens, generation stop, logits.
+
+Each check returns figures for metrics plus a list of failures written as a readable diff, so the
+stage that runs the gate (quantize) can fail with a message a person can act on. llama.cpp is used
+through llama-cpp-python's bindings over our pinned build (`llamacpp.use_shared_libs()`), so the
+tokenizer, EOG set and logits are exactly those the built tools use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorapipe.core import llamacpp
+from lorapipe.core.hfmodel import end_of_turn_token
+from lorapipe.core.errors import LorapipeError
+
+
+# ------------------------------------------------------------------------------------- prompts
+def eval_conversations(rows: list[dict], n: int) -> list[list[dict]]:
+    """The first n eval rows cut before their last assistant turn: prompts the model answers."""
+    out = []
+    for row in rows:
+        messages = row.get("messages") or []
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+        if prompt and prompt[-1]["role"] == "user":
+            out.append(prompt)
+        if len(out) == n:
+            break
+    return out
+
+
+def render(tokenizer, conversation: list[dict], template: str | None = None) -> str:
+    return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def hf_ids(tokenizer, text: str) -> list[int]:
+    # Rendered chat text already holds every special token it needs (that is how apply_chat_template
+    # tokenizes), so no special tokens are added on top.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------------------------ llama.cpp
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs model loading on fd 2; keep it off unless LORAPIPE_LLAMA_VERBOSE is set."""
+    if os.environ.get("LORAPIPE_LLAMA_VERBOSE"):
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_gguf(path: str | Path, *, n_ctx: int = 512, vocab_only: bool = False, threads: int = 2):
+    """A llama_cpp.Llama over our build; a file llama.cpp cannot load is a clear error."""
+    llamacpp.use_shared_libs()
+    from llama_cpp import Llama
+
+    path = Path(path)
+    if not path.is_file():
+        raise LorapipeError(f"{path}: GGUF file not found")
+    try:
+        with _quiet_stderr():
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=not vocab_only,
+                         vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise LorapipeError(f"{path}: llama.cpp failed to load this GGUF (truncated or corrupt file?): {exc}") from None
+
+
+def is_eog(llm, token: int) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
+
+
+def llama_chat_ids(llm, text: str) -> list[int]:
+    """Tokenize a rendered chat prompt the way llama.cpp's chat path does (common/chat.cpp): when the
+    vocab adds a BOS and the text already starts with the BOS text, that text is dropped first;
+    then tokenize with the vocab's add_bos and special tokens parsed."""
+    add_bos = llm._model.add_bos_token()
+    bos = llm.token_bos()
+    if add_bos and bos >= 0:
+        bos_text = llm._model.token_get_text(bos)
+        if text.startswith(bos_text):
+            text = text[len(bos_text):]
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+
+def gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def greedy_stops(llm, ids: list[int], max_new_tokens: int) -> tuple[bool, int]:
+    """Greedy generation from the GGUF: did it end on an EOG token within max_new_tokens?"""
+    llm.reset()
+    n = 0
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        n += 1
+        if is_eog(llm, token):
+            return True, n
+        if n >= max_new_tokens:
+            return False, n
+    return False, n
+
+
+# --------------------------------------------------------------------------------- comparisons
+def _pieces(tokenizer, ids: list[int]) -> str:
+    return " ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in ids)
+
+
+def token_diff(tokenizer, i: int, hf: list[int], ll: list[int]) -> str:
+    first = next((k for k, (a, b) in enumerate(zip(hf, ll)) if a != b), min(len(hf), len(ll)))
+    lo, hi = max(0, first - 3), first + 5
+    return (f"prompt {i}: token ids differ at position {first} (HF {len(hf)} tokens, llama.cpp {len(ll)})\n"
+            f"  HF       [{lo}:{hi}] {hf[lo:hi]}  {_pieces(tokenizer, hf[lo:hi])}\n"
+            f"  llama.cpp[{lo}:{hi}] {ll[lo:hi]}  {_pieces(tokenizer, ll[lo:hi])}")
+
+
+def text_diff(i: int, hf: str, gguf: str) -> str:
+    import difflib
+
+    diff = "\n".join(difflib.unified_diff(hf.splitlines(), gguf.splitlines(), "HF template", "GGUF template", lineterm="", n=1))
+    return f"prompt {i}: chat templates render different text\n{diff}"
+
+
+def compare_logits(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max |a-b| over all positions and shared vocab, fraction of positions with the same argmax)."""
+    v = min(a.shape[1], b.shape[1])
+    a, b = a[:, :v], b[:, :v]
+    return float(np.abs(a - b).max()), float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@dataclass
+class Report:
+    figures: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def fail_if_any(self, what: str) -> None:
+        if self.failures:
+            raise LorapipeError(f"parity gate failed ({what}):\n" + "\n".join(self.failures))
+
+
+def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list[list[dict]], parity, *,
+              min_stop_fraction: float | None = None, threads: int = 2) -> tuple[Report, list[list[int]]]:
+    """Tokens, template, stop tokens, greedy stop and logits of the converted GGUF vs the HF folder.
+    Returns the report and the prompt ids (llama.cpp's tokenization) for the quant check."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rep = Report()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    texts = [render(tokenizer, c) for c in conversations]
+    hf_token_ids = [hf_ids(tokenizer, t) for t in texts]
+    n_ctx = max(64, max(len(x) for x in hf_token_ids) + parity.max_new_tokens + 8)
+    llm = load_gguf(gguf_path, n_ctx=n_ctx, threads=threads)
+    meta = llm.metadata
+
+    # (1) tokens, BOS once
+    ll_ids = [llama_chat_ids(llm, t) for t in texts]
+    token_matches = sum(a == b for a, b in zip(hf_token_ids, ll_ids))
+    for i, (a, b) in enumerate(zip(hf_token_ids, ll_ids)):
+        if a != b:
+            rep.failures.append(token_diff(tokenizer, i, a, b))
+    bos = llm.token_bos()
+    doubled = sum(1 for ids in ll_ids if len(ids) > 1 and ids[0] == bos and ids[1] == bos)
+    if doubled:
+        rep.failures.append(f"{doubled} prompt(s) start with BOS (id {bos}) twice in llama.cpp's tokenization")
+
+    # (2) template: the GGUF's own template string renders the same text as the HF one
+    gguf_template = meta.get("tokenizer.chat_template")
+    template_matches = 0
+    if not gguf_template:
+        rep.failures.append(f"{gguf_path}: no tokenizer.chat_template in the GGUF metadata")
+    else:
+        for i, (c, t) in enumerate(zip(conversations, texts)):
+            g = render(tokenizer, c, gguf_template)
+            if g == t:
+                template_matches += 1
+            else:
+                rep.failures.append(text_diff(i, t, g))
+
+    # (2b) the template's end-of-turn token is EOS/EOT in the GGUF and llama.cpp ends generation on it
+    eot_text = end_of_turn_token(tokenizer.chat_template, tokenizer.get_vocab())
+    eos_id, eot_id = llm.token_eos(), llm._model.token_eot()
+    stop_ids_ok = True
+    if eot_text is not None:
+        eot_hf = tokenizer.convert_tokens_to_ids(eot_text)
+        if eot_hf not in (eos_id, eot_id):
+            stop_ids_ok = False
+            rep.failures.append(f"end-of-turn token {eot_text!r} (id {eot_hf}) is neither EOS ({eos_id}) nor EOT ({eot_id}) in the GGUF")
+        if not is_eog(llm, eot_hf):
+            stop_ids_ok = False
+            rep.failures.append(f"llama.cpp does not treat {eot_text!r} (id {eot_hf}) as end of generation")
+        piece = llm.tokenize(eot_text.encode(), add_bos=False, special=True)
+        if piece != [eot_hf]:
+            stop_ids_ok = False
+            rep.failures.append(f"llama.cpp splits {eot_text!r} into {piece} instead of the single token {eot_hf} (token type not CONTROL?)")
+
+    # greedy generation stops at an EOG token within max_new_tokens
+    stops = [greedy_stops(llm, ids, parity.max_new_tokens) for ids in ll_ids]
+    stop_fraction = sum(s for s, _ in stops) / len(stops)
+    need = parity.min_stop_fraction if min_stop_fraction is None else min_stop_fraction
+    if stop_fraction < need:
+        rep.failures.append(f"greedy generation stopped at EOS/EOT within {parity.max_new_tokens} tokens on "
+                            f"{stop_fraction:.0%} of prompts, need >= {need:.0%} (export.parity.min_stop_fraction)")
+
+    # (3) logits of the converted GGUF vs the HF model, every prompt position
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    model.eval()
+    diffs, agrees = [], []
+    with torch.no_grad():
+        for ids in hf_token_ids:
+            hf = model(torch.tensor([ids])).logits[0].float().numpy()
+            d, a = compare_logits(hf, gguf_logits(llm, ids))
+            diffs.append(d)
+            agrees.append(a)
+    max_diff, agreement = max(diffs), float(np.mean(agrees))
+    if max_diff > parity.max_abs_logit_diff:
+        rep.failures.append(f"logits: max |HF - GGUF| = {max_diff:.4g} > export.parity.max_abs_logit_diff = {parity.max_abs_logit_diff} "
+                            f"(per prompt: {', '.join(f'{d:.3g}' for d in diffs)})")
+    if agreement < parity.min_argmax_agreement:
+        rep.failures.append(f"logits: argmax agreement {agreement:.3f} < export.parity.min_argmax_agreement = {parity.min_argmax_agreement}")
+
+    rep.figures = {
+        "n_prompts": len(conversations),
+        "tokens_match": token_matches,
+        "template_match": template_matches,
+        "bos_doubled": doubled,
+        "add_bos": bool(llm._model.add_bos_token()),
+        "eos_id": eos_id,
+        "eot_id": eot_id,
+        "stop_tokens_ok": stop_ids_ok,
+        "stop_fraction": stop_fraction,
+        "gen_tokens": [n for _, n in stops],
+        "f16_max_abs_logit_diff": max_diff,
+        "f16_argmax_agreement": agreement,
+    }
+    llm.close()
+    return rep, ll_ids
+
+
+def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[list[int]], parity, *, threads: int = 2) -> Report:
+    """Argmax agreement (and max |Δlogit|) of the quantized GGUF vs the reference (f16) GGUF."""
+    rep = Report()
+    n_ctx = max(64, max(len(x) for x in prompt_ids) + 8)
+    ref = load_gguf(ref_gguf, n_ctx=n_ctx, threads=threads)
+    ref_logits = [gguf_logits(ref, ids) for ids in prompt_ids]
+    ref.close()
+    quant = load_gguf(quant_gguf, n_ctx=n_ctx, threads=threads)
+    diffs, agrees = zip(*(compare_logits(r, gguf_logits(quant, ids)) for r, ids in zip(ref_logits, prompt_ids)))
+    quant.close()
+    agreement = float(np.mean(agrees))
+    if agreement < parity.min_argmax_agreement_quant:
+        rep.failures.append(f"quantized argmax agreement vs {Path(ref_gguf).name} {agreement:.3f} < "
+                            f"export.parity.min_argmax_agreement_quant = {parity.min_argmax_agreement_quant} "
+                            f"(per prompt: {', '.join(f'{a:.2f}' for a in agrees)})")
+    rep.figures = {"quant_argmax_agreement": agreement, "quant_max_abs_logit_diff": float(max(diffs))}
+    return rep

@@ -1,0 +1,196 @@
+"""Stages `convert` and `quantize` on a tiny merged Llama (hidden 64): the pinned llama.cpp converter,
+llama-quantize and llama-imatrix run for real; the parity gate loads the files in llama.cpp.
+
+One merged model and one F16 GGUF are built per module and shared; each test that needs a changed
+input copies it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorapipe.core import gguf_meta, parity
+from lorapipe.core.errors import LorapipeError
+from lorapipe.params import ParityParams
+from lorapipe.stages.convert import convert
+from lorapipe.stages.merge import merge
+from lorapipe.stages.quantize import check_type, quantize, valid_types
+
+# Eval-split-like rows (ShareGPT): the parity gate renders them up to the last user turn.
+EVAL_ROWS = [
+    {"messages": [{"role": "user", "content": "I have been feeling really lonely since I moved to a new city."},
+                  {"role": "assistant", "content": "Moving somewhere new can feel isolating. What do you miss most?"}]},
+    {"messages": [{"role": "system", "content": "You are a warm, supportive listener."},
+                  {"role": "user", "content": "My exam went badly and I feel like a failure."},
+                  {"role": "assistant", "content": "One exam does not define you."},
+                  {"role": "user", "content": "But everyone else did fine."},
+                  {"role": "assistant", "content": "It is hard to compare yourself with others."}]},
+    {"messages": [{"role": "user", "content": "最近工作压力很大，晚上总是睡不着。"},
+                  {"role": "assistant", "content": "听起来你最近很辛苦。"}]},
+    {"messages": [{"role": "user", "content": "我和最好的朋友吵架了，心里很难受。"},
+                  {"role": "assistant", "content": "和重要的人争吵确实让人难过。"}]},
+]
+# Random tiny models have nearly flat logits, so quantization flips more argmaxes than on a real
+# model (TOOLCHAIN.md: 0.91-1.00 measured); the gate's default 0.8 is for trained models.
+# F16 logits of tiny models are within 0.003 of HF (measured), so their bound is tighter than the default.
+RANDOM_MODEL_PARITY = ParityParams(max_new_tokens=8, min_stop_fraction=0.0, min_argmax_agreement_quant=0.5, max_abs_logit_diff=0.02)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_adapter, tmp_path_factory):
+    base, adapter = tiny_adapter("llama")
+    root = tmp_path_factory.mktemp("export-llama")
+    merged = root / "merged"
+    merge(base, adapter, merged)
+    f16 = root / "model-f16.gguf"
+    result = convert(merged, f16, "f16", name="tiny-support", description="tiny test model")
+    return merged, f16, result
+
+
+def test_convert_writes_chat_metadata(exported):
+    merged, f16, result = exported
+    meta = gguf_meta.metadata(f16)
+    assert meta["general.name"] == "tiny-support"
+    assert meta["general.description"] == "tiny test model"
+    assert meta["tokenizer.chat_template"] == (merged / "chat_template.jinja").read_text()
+    assert meta["tokenizer.ggml.pre"] == "smollm"  # recognised by the unpatched converter
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)  # <|im_start|>, <|im_end|>
+    assert set(result["tensor_types"]) == {"F16", "F32"}  # matrices F16, norms F32
+    assert not list(f16.parent.glob(".model-f16.gguf.*"))
+
+
+def test_convert_restores_token_types_of_a_transformers5_folder(exported, tmp_path):
+    """A merged folder without added_tokens_decoder (as transformers 5 saves it) is converted through
+    a fixed view: <|im_end|> stays a CONTROL token, the folder itself is left untouched."""
+    merged, _, _ = exported
+    bare = tmp_path / "bare"
+    shutil.copytree(merged, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    before = (bare / "tokenizer_config.json").read_bytes()
+    convert(bare, tmp_path / "model-f16.gguf")
+    types = gguf_meta.reader(tmp_path / "model-f16.gguf").fields["tokenizer.ggml.token_type"].contents()
+    assert types[2] == 3  # <|im_end|>: gguf TokenType.CONTROL
+    assert (bare / "tokenizer_config.json").read_bytes() == before
+
+
+def test_quantize_q4_k_m_shows_fallbacks_and_passes_parity(exported, tmp_path):
+    merged, f16, _ = exported
+    out = tmp_path / "model-q4_k_m.gguf"
+    metrics = quantize(f16, out, "q4_k_m", merged_dir=merged, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY)
+    assert out.is_file() and metrics["quant"] == "Q4_K_M"
+    # hidden 64 is not a multiple of 256: no K-quant block fits, Q4_K -> Q5_0 and Q6_K -> Q8_0
+    types = metrics["tensor_types"]
+    assert types.get("Q5_0", 0) > 0 and types.get("Q8_0", 0) > 0 and "Q4_K" not in types and "Q6_K" not in types
+    assert types == gguf_meta.tensor_types(out)
+    assert metrics["size_bytes"] == out.stat().st_size < metrics["size_f16_bytes"]
+    assert 5.0 < metrics["bits_per_weight"] < 9.0
+    p = metrics["parity"]
+    assert p["passed"] and p["tokens_match"] == p["template_match"] == p["n_prompts"] == 4
+    assert p["bos_doubled"] == 0 and p["stop_tokens_ok"]
+    assert p["f16_max_abs_logit_diff"] < 0.01 and p["f16_argmax_agreement"] >= 0.98
+    assert p["quant_argmax_agreement"] >= 0.5
+
+
+def test_quantize_with_imatrix(exported, tmp_path):
+    merged, f16, _ = exported
+    train_rows = EVAL_ROWS * 8  # rendered: well over the 2 x 128 tokens llama-imatrix needs
+    out = tmp_path / "model-q4_k_m.gguf"
+    metrics = quantize(f16, out, "Q4_K_M", merged_dir=merged, eval_rows=EVAL_ROWS[:1], parity_params=RANDOM_MODEL_PARITY,
+                       train_rows=train_rows)
+    assert metrics["imatrix"] is True and out.is_file()
+
+
+def test_unknown_quant_type_lists_valid_ones():
+    names = valid_types()
+    assert {"Q4_K_M", "Q8_0", "Q5_K_S", "IQ4_XS", "F16"} <= set(names)
+    assert check_type("q8_0") == "Q8_0"
+    with pytest.raises(LorapipeError, match=r"export.quant: unknown quantization type 'Q4_KM'.*Q4_K_M.*Q8_0"):
+        check_type("Q4_KM")
+
+
+def test_parity_gate_fails_with_readable_diff_and_no_output(exported, tiny_adapter, tmp_path):
+    """The F16 GGUF of the merged model checked against the *base* folder (adapter not merged):
+    logits differ, the stage fails naming the figures, and nothing is left at the output path."""
+    _, f16, _ = exported
+    base, _ = tiny_adapter("llama")
+    out = tmp_path / "model-q8_0.gguf"
+    with pytest.raises(LorapipeError, match=r"parity gate failed.*\n.*logits: max \|HF - GGUF\| = .* > export.parity.max_abs_logit_diff"):
+        quantize(f16, out, "Q8_0", merged_dir=base, eval_rows=EVAL_ROWS[:2], parity_params=RANDOM_MODEL_PARITY)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_greedy_generation_stops_on_a_model_that_learned_to(tiny_gguf):
+    """The scripted tiny model answers 'Hello world!' then <|im_end|>: llama.cpp must stop there."""
+    folder, f16 = tiny_gguf("scripted")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world!"}]}]
+    report, _ = parity.check_f16(folder, f16, parity.eval_conversations(rows, 1), ParityParams(max_new_tokens=16),
+                                 min_stop_fraction=1.0)
+    assert report.failures == []
+    assert report.figures["stop_fraction"] == 1.0 and report.figures["gen_tokens"] == [5]  # 4 scripted + EOS
+
+
+def test_convert_bad_inputs(exported, tmp_path):
+    merged, _, _ = exported
+    no_config = tmp_path / "no-config"
+    shutil.copytree(merged, no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(LorapipeError, match=r"no-config/config.json: missing"):
+        convert(no_config, tmp_path / "a.gguf")
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(merged, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises(LorapipeError, match=r"no tokenizer \(tokenizer.json or tokenizer.model\)"):
+        convert(no_tok, tmp_path / "b.gguf")
+    with pytest.raises(LorapipeError, match="export.outtype"):
+        convert(merged, tmp_path / "c.gguf", "q4_k_m")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_unsupported_architecture_is_named(exported, tmp_path):
+    merged, _, _ = exported
+    odd = tmp_path / "odd"
+    shutil.copytree(merged, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["FrobnicatorForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LorapipeError, match=r"architecture FrobnicatorForCausalLM is not supported by the pinned llama.cpp converter"):
+        convert(odd, tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+def test_killed_conversion_leaves_no_output(exported, tmp_path):
+    """kill -9 of a running `convert` (and its converter child): nothing appears at the output path."""
+    merged, _, _ = exported
+    out = tmp_path / "model-f16.gguf"
+    code = f"from lorapipe.stages.convert import convert; convert({str(merged)!r}, {str(out)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.stat().st_size > 0 for p in tmp_path.glob(".model-f16.gguf.*")):
+        assert proc.poll() is None, "conversion ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+
+def test_truncated_gguf_is_a_clear_error(exported, tmp_path):
+    merged, f16, _ = exported
+    broken = tmp_path / "model-f16.gguf"
+    data = f16.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LorapipeError, match=r"model-f16.gguf: (not a readable GGUF file|llama.cpp failed to load)"):
+        parity.load_gguf(broken)
+    with pytest.raises(LorapipeError, match=r"model-f16.gguf: not a readable GGUF file"):
+        quantize(broken, tmp_path / "q.gguf", "Q8_0", merged_dir=merged, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY)
+    assert not (tmp_path / "q.gguf").exists()
