@@ -1,0 +1,248 @@
+"""Stage `evaluate`: perplexity, KL divergence, size and speed of every model variant, plus sample
+answers a person can read.
+
+Variants: the HF base model (models/base), the HF merged model (models/merged), the converted GGUF
+(export.outtype, normally F16) and the quantized GGUF (export.quant). All perplexities are on one
+token stream, the eval split rendered with the chat template (core/perplexity.py says exactly how,
+and how the HF side reproduces llama-perplexity's scoring). Two gates fail the stage:
+
+* |ppl F16 GGUF - ppl HF merged| > evaluate.max_ppl_f16_vs_hf_pct %: the conversion is wrong;
+* ppl quantized vs F16 > +evaluate.max_ppl_delta_pct %: quantization costs too much.
+
+Outputs: metrics/eval.json (flat numbers for `dvc metrics diff`), plots/variants.json (one row per
+variant for `dvc plots`), reports/samples.md. A failed gate writes none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from lorapipe.core import hfmodel, inference_speed, parity, paths
+from lorapipe.core import perplexity as ppl
+from lorapipe.core.errors import LorapipeError
+from lorapipe.core.gguf_file import check_gguf
+from lorapipe.core.io import write_json, write_text
+from lorapipe.core.log import info
+
+METRICS = paths.METRICS_DIR / "eval.json"
+PLOT = paths.PLOTS_DIR / "variants.json"
+SAMPLES = paths.REPORTS_DIR / "samples.md"
+MB = 1_000_000
+
+
+# --------------------------------------------------------------------------------------- inputs
+def check_inputs(eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> None:
+    """Every input present, each missing one named with the stage that makes it."""
+    if not eval_jsonl.is_file():
+        raise LorapipeError(f"{eval_jsonl}: not found; the eval split is made by stage clean (`lorapipe clean`)")
+    hfmodel.check_folder(base_dir, "the base model (made by stage base: `lorapipe base`)")
+    hfmodel.check_folder(merged_dir, "the merged model (made by stage merge: `lorapipe merge`)")
+    check_gguf(ref_gguf, "it is made by stage convert (`lorapipe convert`)")
+    check_gguf(quant_gguf, "it is made by stage quantize (`lorapipe quantize`)")
+
+
+def load_hf(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # A folder with `auto_map` needs its own modelling code; stage base only wrote such a folder because
+    # the user set model.trust_remote_code, so evaluating the same code again asks nothing new.
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code="auto_map" in config)
+    return model.eval()
+
+
+def hf_weights_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / MB
+
+
+# -------------------------------------------------------------------------------------- samples
+def chat_text(tokenizer, prompt: str) -> str:
+    return parity.render(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """Greedy answers (text, stopped on EOS/EOT) of a transformers model; special tokens not shown."""
+    import torch
+
+    stop = hfmodel.stop_token_ids(tokenizer)
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([parity.hf_ids(tokenizer, chat_text(tokenizer, prompt))])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, repetition_penalty=1.0, eos_token_id=stop,
+                                 pad_token_id=stop[0] if stop else None)
+            new = gen[0, ids.shape[1]:].tolist()
+            out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), bool(new) and new[-1] in stop))
+    return out
+
+
+def gguf_answers(gguf: Path, tokenizer, prompts: list[str], max_new_tokens: int, threads: int) -> list[tuple[str, bool]]:
+    """Greedy answers of a GGUF through llama.cpp (same template text as the HF side, tokenized the
+    way llama.cpp's chat path does it); generation ends on any end-of-generation token."""
+    texts = [chat_text(tokenizer, p) for p in prompts]
+    n_ctx = max(len(parity.hf_ids(tokenizer, t)) for t in texts) + max_new_tokens + 16
+    llm = parity.load_gguf(gguf, n_ctx=n_ctx, threads=threads)
+    out = []
+    try:
+        for text in texts:
+            llm.reset()
+            new, stopped = [], False
+            for token in llm.generate(parity.llama_chat_ids(llm, text), temp=0.0, top_k=1, repeat_penalty=1.0):
+                if parity.is_eog(llm, token):
+                    stopped = True
+                    break
+                new.append(token)
+                if len(new) >= max_new_tokens:
+                    break
+            # a cut answer can end inside a multi-byte character: drop that partial character
+            out.append((llm.detokenize(new).decode("utf-8", "replace").rstrip("\ufffd").strip(), stopped))
+    finally:
+        llm.close()
+    return out
+
+
+def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool]]], max_new_tokens: int) -> str:
+    lines = ["# Sample answers", "",
+             f"Greedy decoding, at most {max_new_tokens} new tokens, stopped at EOS / end of turn; prompts from "
+             "`evaluate.prompts` in params.yaml, rendered with the model's chat template.", ""]
+    for i, prompt in enumerate(prompts, start=1):
+        lines += [f"## {i}. {prompt}", ""]
+        for variant, per_prompt in answers.items():
+            text, stopped = per_prompt[i - 1]
+            note = "" if stopped else f" — cut at {max_new_tokens} tokens"
+            lines += [f"**{variant}**{note}", ""]
+            lines += [f"> {line}" if line else ">" for line in (text or "(empty answer)").splitlines()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def pct(a: float, b: float) -> float:
+    """(a - b) / b in percent."""
+    return (a - b) / b * 100.0
+
+
+def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
+             quant_name: str, ref_name: str = "f16") -> tuple[dict, list[dict], str]:
+    """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails."""
+    import torch
+    from transformers import AutoTokenizer
+
+    check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
+    torch.set_num_threads(ep.threads)
+    quant_label, ref_label = quant_name.lower(), ref_name.lower()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    rows = ppl.read_eval_rows(eval_jsonl)
+    if not rows:
+        raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
+
+    with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
+        text_file, logits_file = Path(work) / "eval.txt", Path(work) / f"{ref_label}.logits"
+        text = ppl.render_text(rows, tokenizer, eval_jsonl)
+        text_file.write_text(text, encoding="utf-8")
+        stream = ppl.check_same_ids(tokenizer, ppl.hf_text_ids(tokenizer, text), ppl.llama_text_ids(ref_gguf, text_file),
+                                    ref_gguf)
+        plan = ppl.plan_chunks(len(stream.ids), ep.ctx, ep.max_chunks, eval_jsonl)
+        if plan.shrunk:
+            info(f"evaluate: {eval_jsonl} is only {len(stream.ids)} tokens (< 2 x evaluate.ctx = {2 * ep.ctx}); "
+                 f"using ctx {plan.ctx} (metrics: ctx_used)")
+        info(f"evaluate: perplexity over {plan.n_chunks} chunks of {plan.ctx} tokens ({plan.scored} scored)")
+        ppl_ref = ppl.gguf_perplexity(ref_gguf, text_file, plan, ep.threads, logits_file)
+        kld = ppl.gguf_kl_divergence(quant_gguf, logits_file, plan, ep.threads)
+
+    info("evaluate: HF merged model")
+    merged = load_hf(merged_dir)
+    ppl_merged = ppl.hf_perplexity(merged, stream, plan)
+    ref_vs_hf = pct(ppl_ref, ppl_merged)
+    if abs(ref_vs_hf) > ep.max_ppl_f16_vs_hf_pct:
+        raise LorapipeError(
+            f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
+            f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
+            f"{plan.scored} tokens: the conversion is wrong (rerun `lorapipe convert`; check the quantize parity metrics)")
+    delta = pct(kld.ppl, ppl_ref)
+    if delta > ep.max_ppl_delta_pct:
+        raise LorapipeError(
+            f"{quant_gguf}: quantization gate failed: perplexity {kld.ppl:.4f} vs {ppl_ref:.4f} for {ref_gguf.name} "
+            f"is {delta:+.2f} % (limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} %); KLD {kld.kld:.4f}, "
+            f"same top token {kld.same_top_pct:.1f} %. Try export.imatrix: true or a larger type (export.quant, e.g. q5_k_m / q8_0)")
+
+    info("evaluate: HF merged model speed and samples")
+    speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
+    hf_speed = inference_speed.hf_speed(merged, speed_prompt, gen_tokens=ep.speed_gen_tokens)
+    answers = {"merged (HF)": hf_answers(merged, tokenizer, ep.prompts, ep.max_new_tokens)}
+    del merged
+
+    info("evaluate: HF base model")
+    base = load_hf(base_dir)
+    ppl_base = ppl.hf_perplexity(base, stream, plan)
+    answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
+    del base
+
+    info(f"evaluate: {quant_label} samples and GGUF speed (llama-bench)")
+    answers[f"{quant_label} (GGUF)"] = gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)
+    speed = {label: inference_speed.gguf_speed(path, prompt_tokens=ep.speed_prompt_tokens, gen_tokens=ep.speed_gen_tokens,
+                                               threads=ep.threads)
+             for label, path in ((ref_label, ref_gguf), (quant_label, quant_gguf))}
+
+    size_ref, size_quant = ref_gguf.stat().st_size / MB, quant_gguf.stat().st_size / MB
+    metrics = {
+        "eval_rows": len(rows),
+        "eval_tokens": len(stream.ids),
+        "ctx": ep.ctx,
+        "ctx_used": plan.ctx,
+        "chunks": plan.n_chunks,
+        "scored_tokens": plan.scored,
+        "quant": quant_name,
+        "ppl_hf_base": ppl_base,
+        "ppl_hf_merged": ppl_merged,
+        f"ppl_{ref_label}": ppl_ref,
+        "ppl_quant": kld.ppl,
+        f"ppl_{ref_label}_vs_hf_pct": ref_vs_hf,
+        "ppl_delta_pct": delta,
+        "ppl_merged_vs_base_pct": pct(ppl_merged, ppl_base),
+        f"kld_quant_vs_{ref_label}": kld.kld,
+        "same_top_token_pct": kld.same_top_pct,
+        "rms_dp_pct": kld.rms_dp_pct,
+        "size_hf_merged_mb": hf_weights_mb(merged_dir),
+        f"size_{ref_label}_mb": size_ref,
+        "size_quant_mb": size_quant,
+        "size_ratio": size_quant / size_ref,
+        "threads": ep.threads,
+        "prompt_tok_s_hf_merged": hf_speed["prompt_tok_s"],
+        "decode_tok_s_hf_merged": hf_speed["decode_tok_s"],
+        f"prompt_tok_s_{ref_label}": speed[ref_label]["prompt_tok_s"],
+        f"decode_tok_s_{ref_label}": speed[ref_label]["decode_tok_s"],
+        "prompt_tok_s_quant": speed[quant_label]["prompt_tok_s"],
+        "decode_tok_s_quant": speed[quant_label]["decode_tok_s"],
+        "decode_speedup_quant_vs_hf": speed[quant_label]["decode_tok_s"] / hf_speed["decode_tok_s"],
+        "samples_stopped": sum(stopped for per in answers.values() for _, stopped in per),
+        "samples_total": sum(len(per) for per in answers.values()),
+    }
+    variants = [
+        {"variant": "base (HF)", "ppl": ppl_base, "size_mb": hf_weights_mb(base_dir), "decode_tok_s": None},
+        {"variant": "merged (HF)", "ppl": ppl_merged, "size_mb": metrics["size_hf_merged_mb"],
+         "decode_tok_s": hf_speed["decode_tok_s"]},
+        {"variant": f"{ref_label} (GGUF)", "ppl": ppl_ref, "size_mb": size_ref, "decode_tok_s": speed[ref_label]["decode_tok_s"]},
+        {"variant": f"{quant_label} (GGUF)", "ppl": kld.ppl, "size_mb": size_quant,
+         "decode_tok_s": speed[quant_label]["decode_tok_s"]},
+    ]
+    return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
+
+
+def run(params) -> dict:
+    ex = params.export
+    metrics, variants, samples = evaluate(
+        params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
+        ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.gguf_path(ex.quant), quant_name=ex.quant,
+        ref_name=ex.outtype)
+    write_json(METRICS, metrics)
+    write_json(PLOT, variants)
+    write_text(SAMPLES, samples)
+    ref = ex.outtype.lower()
+    return {"ppl_merged": metrics["ppl_hf_merged"], f"ppl_{ref}": metrics[f"ppl_{ref}"], "ppl_quant": metrics["ppl_quant"],
+            "delta_pct": metrics["ppl_delta_pct"], "kld": metrics[f"kld_quant_vs_{ref}"],
+            "size_ratio": metrics["size_ratio"], "decode_x": metrics["decode_speedup_quant_vs_hf"]}
