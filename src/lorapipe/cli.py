@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate")
+STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate", "package")
 STAGE_HELP = {
     "base": "materialise the base model as a plain HF folder (models/base/)",
     "ingest": "read every data source into ShareGPT rows (data/raw/<source>.jsonl)",
@@ -20,6 +20,7 @@ STAGE_HELP = {
     "convert": "convert the merged model to GGUF with llama.cpp (models/gguf/model-f16.gguf)",
     "quantize": "quantize the GGUF with llama-quantize and check parity (models/gguf/model-<quant>.gguf)",
     "evaluate": "perplexity, KLD, size and speed of every variant (metrics/eval.json)",
+    "package": "write the Ollama Modelfile and the model card (models/gguf/Modelfile, models/README.md)",
 }
 
 
