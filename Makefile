@@ -43,8 +43,12 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# Speed/memory comparisons, printed side by side (inference and dvc_noop need a finished `make repro`).
 bench: setup
 	$(BIN)/python benchmarks/clean_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/dvc_noop.py
 
 clean-venv:
 	rm -rf $(VENV)

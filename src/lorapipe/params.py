@@ -141,21 +141,21 @@ class DataParams(Section):
 # --------------------------------------------------------------------------------- train, lora
 class TrainParams(Section):
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = 40  # > 0 overrides epochs
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(3e-4, gt=0)
     scheduler: str = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = 0.0
-    cutoff_len: int = Field(512, gt=0)
+    cutoff_len: int = Field(256, gt=0)
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization_bit: Literal[4, 8] | None = None
-    logging_steps: int = Field(5, gt=0)
+    logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(0, ge=0)  # 0 = evaluate at the end only
-    save_steps: int = Field(50, gt=0)
-    max_eval_samples: int | None = None
+    save_steps: int = Field(10, gt=0)
+    max_eval_samples: int | None = Field(64, gt=0)
     on_empty_eval: Literal["skip", "fail"] = "skip"
     # Template used when models/base has none (chatml | qwen | gemma); null = the base model's own.
     chat_template: str | None = None
@@ -175,19 +175,24 @@ class MergeParams(Section):
 # ---------------------------------------------------------------------------------------- export
 class ParityParams(Section):
     n_prompts: int = Field(4, gt=0)
-    max_abs_logit_diff: float = Field(0.05, gt=0)
-    min_argmax_agreement: float = Field(1.0, ge=0, le=1)
+    # F16 GGUF vs HF (fp32): 0.0006-0.003 on tiny models, 0.089 on SmolLM2-135M-Instruct (30 layers;
+    # ggml rounds activations to f16 for f16 matmuls), so 0.25 flags real breakage, not rounding.
+    max_abs_logit_diff: float = Field(0.25, gt=0)
+    # Share of prompt positions where the converted GGUF's top-1 token equals HF's. Not 1.0: F16
+    # rounding (max |Δlogit| ~0.003 measured) flips near-ties, and a chat prompt has some.
+    min_argmax_agreement: float = Field(0.98, ge=0, le=1)
     min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     # Share of eval prompts on which greedy generation from the GGUF must end on EOS/EOT within
-    # max_new_tokens (a fine-tuned chat model has learned to stop; a random test model has not).
+    # max_new_tokens. The stock SmolLM2-135M-Instruct never stopped within 256 greedy tokens on 4
+    # support prompts (it loops); the default fine-tune stops on all of them. 0 = report only.
     min_stop_fraction: float = Field(0.5, ge=0, le=1)
 
 
 class ExportParams(Section):
     outtype: Literal["f16", "bf16", "q8_0", "f32"] = "f16"
-    quant: str = "Q4_K_M"
-    imatrix: bool = False
+    quant: str = "q4_k_m"
+    imatrix: bool = True
     name: str = "lorapipe-model"
     description: str = "LoRA fine-tuned chat model built by lorapipe"
     parity: ParityParams = ParityParams()
@@ -196,12 +201,13 @@ class ExportParams(Section):
 # -------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     # Perplexity context (tokens) and most chunks scored; a shorter eval split gets a shorter context.
+    # 16 x 256 scores 2032 tokens per variant: about 2 minutes for the whole stage on SmolLM2-135M, 2 cores.
     ctx: int = Field(256, gt=0)
-    max_chunks: int = Field(32, gt=0)
+    max_chunks: int = Field(16, gt=0)
     threads: int = Field(2, gt=0)  # CPU threads for every timed or scored run (HF and llama.cpp)
     max_ppl_delta_pct: float = 5.0  # gate: quantized vs F16 GGUF perplexity increase, %
     max_ppl_f16_vs_hf_pct: float = 0.5  # gate: |F16 GGUF - HF merged| perplexity, % (conversion check)
-    max_new_tokens: int = Field(96, gt=0)  # reports/samples.md answers
+    max_new_tokens: int = Field(64, gt=0)  # reports/samples.md answers (greedy decoding dominates the stage's time)
     speed_prompt_tokens: int = Field(64, gt=0)  # prompt-processing speed test length
     speed_gen_tokens: int = Field(32, gt=1)  # decode speed test length
     prompts: list[str] = [
