@@ -1,0 +1,237 @@
+"""The whole graph, for real: git + DVC in a temp copy of the repo, a tiny model, small real data.
+
+Proves incrementality (a change reruns exactly the stages it affects), the params -> stages table,
+experiments (`dvc exp run -S`), metrics diffs and a push/pull round trip through a local remote.
+The copy runs its own code (PYTHONPATH=<copy>/src), so editing a module in the copy is a real edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate", "package")
+
+
+def tiny_params(model_dir: Path) -> dict:
+    p = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    p["model"].update(source=str(model_dir), preset="smollm2-135m-instruct")
+    p["data"]["sources"] = [
+        {"name": "support", "type": "sharegpt", "path": "data/sources/support.jsonl"},
+        {"name": "chatterbot", "type": "chatterbot", "languages": ["english"], "categories": ["emotion", "psychology"]},
+    ]
+    p["data"]["split"]["eval_fraction"] = 0.2
+    p["train"].update(max_steps=4, batch_size=4, cutoff_len=128, logging_steps=1, save_steps=2)
+    p["lora"]["rank"] = 4
+    p["evaluate"].update(ctx=32, max_chunks=4, max_new_tokens=8, prompts=["I feel lonely.", "我很难过。"])
+    # A random tiny model: quantization error is large relative to its flat logits, so the quality
+    # gate is opened wide here; the gate itself is tested in test_evaluate.
+    p["evaluate"]["max_ppl_delta_pct"] = 1000.0
+    p["export"]["parity"]["min_argmax_agreement_quant"] = 0.0
+    p["export"]["parity"]["min_stop_fraction"] = 0.0  # a random model never learned to stop
+    return p
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith(("tests/", "benchmarks/")) or not (REPO_ROOT / rel).is_file():
+            continue
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, dest)
+    for generated in ("dvc.lock", "metrics", "plots", "reports", "dvclive", "models/README.md", "models/gguf"):
+        path = root / generated
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model("llama")), allow_unicode=True, sort_keys=False))
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", PYTHONPATH=str(root / "src"),
+               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "copy"], root, env)
+    first = run(["dvc", "repro"], root, env)
+    ran = stages_run(first.stdout)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "first repro"], root, env)
+    return {"root": root, "env": env, "first": ran}
+
+
+def repro(pipeline, *targets) -> list[str]:
+    return stages_run(run(["dvc", "repro", *targets], pipeline["root"], pipeline["env"]).stdout)
+
+
+def set_param(pipeline, dotted: str, value) -> None:
+    path = pipeline["root"] / "params.yaml"
+    p = yaml.safe_load(path.read_text())
+    node = p
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    path.write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
+
+
+def test_first_repro_runs_every_stage_and_second_runs_nothing(pipeline):
+    expected = [s for s in STAGES if s in yaml.safe_load((pipeline["root"] / "dvc.yaml").read_text())["stages"]]
+    assert sorted(pipeline["first"]) == sorted(expected)
+    assert repro(pipeline) == []
+
+
+def test_clean_param_reruns_clean_only_upstream(pipeline):
+    set_param(pipeline, "data.clean.max_tokens", 2047)
+    ran = repro(pipeline)
+    assert "clean" in ran and not {"base", "ingest"} & set(ran)
+
+
+def test_source_edit_reruns_ingest_and_clean(pipeline):
+    src = pipeline["root"] / "data/sources/support.jsonl"
+    row = {"messages": [{"role": "user", "content": "I failed my driving test again."},
+                        {"role": "assistant", "content": "That is disappointing. Many people need a few tries; what felt hardest?"}]}
+    with open(src, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    assert repro(pipeline, "clean") == ["ingest", "clean"]
+
+
+def test_stage_module_edit_reruns_that_stage_only(pipeline):
+    module = pipeline["root"] / "src/lorapipe/stages/clean.py"
+    module.write_text(module.read_text() + "\n# edited\n")
+    assert repro(pipeline, "clean") == ["clean"]
+
+
+def changed_stages(pipeline) -> set[str]:
+    out = run(["dvc", "status", "--json"], pipeline["root"], pipeline["env"]).stdout
+    return set(json.loads(out or "{}"))
+
+
+def test_core_module_edit_reruns_exactly_its_importers(pipeline):
+    repro(pipeline)
+    root = pipeline["root"]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    core = root / "src/lorapipe/core/io.py"
+    importers = {name for name, st in stages.items() if "src/lorapipe/core/io.py" in st.get("deps", [])}
+    assert importers, "core/io.py is used by the stages that write artifacts"
+    original = core.read_text()
+    core.write_text(original + "\n# edited\n")
+    try:
+        assert changed_stages(pipeline) == importers
+    finally:
+        core.write_text(original)
+    assert changed_stages(pipeline) == set()
+
+
+def leaf_keys(node, prefix=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaf_keys(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1]
+
+
+# Which stage each params key belongs to (the most specific prefix wins). A key that is in no
+# stage's params (chat, serve) reruns nothing: those are commands, not stages.
+OWNER = {
+    "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
+    "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
+    "export.outtype": {"convert", "quantize", "evaluate"}, "export.name": {"convert"}, "export.description": {"convert"},
+    "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
+    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": set(), "package": {"package"},
+}
+
+
+def owner(key: str) -> set[str]:
+    best = max((p for p in OWNER if key == p or key.startswith(p + ".")), key=len)
+    return OWNER[best]
+
+
+def test_every_params_key_marks_exactly_its_stages(pipeline):
+    repro(pipeline)
+    path = pipeline["root"] / "params.yaml"
+    original = path.read_text()
+    defined = set(yaml.safe_load((pipeline["root"] / "dvc.yaml").read_text())["stages"])
+    table = {}
+    try:
+        for key in leaf_keys(yaml.safe_load(original)):
+            p = yaml.safe_load(original)
+            node = p
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = "__changed__" if not isinstance(node[leaf], (int, float)) or isinstance(node[leaf], bool) else node[leaf] + 1
+            path.write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
+            table[key] = changed_stages(pipeline)
+    finally:
+        path.write_text(original)
+    wrong = {k: (sorted(v), sorted(owner(k) & defined)) for k, v in table.items() if v != owner(k) & defined}
+    assert not wrong, f"params key -> (stages marked changed, expected): {wrong}"
+
+
+def test_quant_change_reruns_quantize_and_downstream_only(pipeline):
+    repro(pipeline)
+    set_param(pipeline, "export.quant", "q8_0")
+    ran = repro(pipeline)
+    assert "quantize" in ran and not {"base", "ingest", "clean", "train", "merge", "convert"} & set(ran)
+    assert (pipeline["root"] / "models/gguf/model-q8_0.gguf").is_file()
+
+
+def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):
+    root, env = pipeline["root"], pipeline["env"]
+    repro(pipeline)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "before experiment"], root, env)
+    out = run(["dvc", "exp", "run", "-S", "lora.rank=8"], root, env).stdout
+    ran = stages_run(out)
+    assert ran[:2] == ["train", "merge"] and not {"base", "ingest", "clean"} & set(ran)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    assert "lora.rank" in json.dumps(shown) or '"rank": 8' in json.dumps(shown)
+    diff = run(["dvc", "metrics", "diff", "--json"], root, env).stdout
+    assert "metrics/train.json" in diff
+
+
+def test_push_pull_through_a_local_remote(pipeline, tmp_path):
+    root, env = pipeline["root"], pipeline["env"]
+    repro(pipeline)
+    run(["dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote")], root, env)
+    run(["dvc", "push"], root, env)
+    gguf = sorted((root / "models/gguf").glob("*.gguf"))
+    assert gguf
+    digest = gguf[0].read_bytes()
+    shutil.rmtree(root / ".dvc/cache")
+    for cached in ("models/base", "models/adapter", "models/merged"):
+        shutil.rmtree(root / cached)
+    for path in gguf:
+        path.unlink()
+    run(["dvc", "pull"], root, env)
+    assert gguf[0].read_bytes() == digest
+    assert (root / "models/adapter").is_dir() and (root / "models/base/config.json").is_file()
+    assert repro(pipeline) == []
