@@ -126,7 +126,7 @@ def test_stage_runs_on_repo_paths(tiny_adapter, tmp_path, monkeypatch):
     metrics = json.loads(Path("metrics/quantize.json").read_text())
     assert metrics["imatrix"] is True and metrics["parity"]["passed"] is True
     assert metrics["tensor_types"] == {"F32": 5, "Q8_0": 15}
-    assert sorted(os.listdir("models/gguf")) == ["model-f16.gguf", "model-q8_0.gguf"]
+    assert sorted(os.listdir("models/gguf")) == ["model-Q8_0.gguf", "model-f16.gguf"]
 
 
 # ------------------------------------------------------------------------------------ MiniCPM-1
