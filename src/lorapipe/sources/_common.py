@@ -48,6 +48,16 @@ class Context:
         return p
 
 
+def load_json(path: Path, data: bytes | None = None) -> Any:
+    """A whole JSON file (BOM tolerated); bad bytes or JSON are an error naming file and line."""
+    try:
+        return json.loads((path.read_bytes() if data is None else data).decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise LorapipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise LorapipeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
 def turns_to_messages(turns: Iterable[tuple[Any, str]], joiner: str, ctx: Context) -> list[dict]:
     """Speaker turns -> alternating user/assistant messages, ending on an assistant turn.
 

@@ -10,12 +10,11 @@ dialogue ending on a user turn is trimmed (trimmed_turns). Origins are `<file>:#
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, Iterator
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.sources import _hub
-from lorapipe.sources._common import Context, turns_to_messages
+from lorapipe.sources._common import Context, load_json, turns_to_messages
 
 
 def dialogue_row(ctx: Context, dialogue: Any, origin: str) -> dict:
@@ -41,12 +40,7 @@ def _capped(ctx: Context, dialogues: Any) -> Iterator[tuple[int, Any]]:
 
 def _release(ctx: Context) -> Iterator[dict]:
     path = ctx.existing(ctx.source.path)
-    try:
-        dialogues = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise LorapipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise LorapipeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    dialogues = load_json(path)
     if not isinstance(dialogues, list):
         raise LorapipeError(f"{path}: expected a JSON list of dialogues (EmotionLines release format), got {type(dialogues).__name__}")
     for i, d in _capped(ctx, dialogues):

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import iter_jsonl
-from lorapipe.sources._common import Context
+from lorapipe.sources._common import Context, load_json
 
 DEFAULT_TAGS = {
     "role_tag": "from",
@@ -79,12 +79,7 @@ def alpaca_messages(obj: dict, columns: dict) -> list[dict]:
 
 def _load_info(ctx: Context) -> tuple[Path, dict]:
     info_path = ctx.existing(ctx.source.dataset_info, "dataset_info")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise LorapipeError(f"{info_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise LorapipeError(f"{info_path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    info = load_json(info_path)
     if not isinstance(info, dict):
         raise LorapipeError(f"{info_path}: expected an object of dataset entries, got {type(info).__name__}")
     return info_path, info
@@ -138,12 +133,7 @@ def _records(path: Path) -> Iterator[tuple[str, Any, str | None, str]]:
         for line in iter_jsonl(path):
             yield f"{path}:{line.lineno}", line.value, line.error, line.text
         return
-    try:
-        records = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise LorapipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise LorapipeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    records = load_json(path, data)
     for i, value in enumerate(records):
         yield f"{path}:#{i}", value, None, ""
 
