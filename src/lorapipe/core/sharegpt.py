@@ -73,19 +73,21 @@ def checked_turns(row: Any) -> tuple[tuple[str, ...], list[str]]:
     return tuple(m["role"] for m in messages), [m["content"] for m in messages]
 
 
-def plain_turns(messages: Any) -> tuple[tuple[str, ...], list[str]] | None:
+def plain_turns(messages: Any, *, from_orjson: bool = False) -> tuple[tuple[str, ...], list[str]] | None:
     """(roles, contents) of valid `messages` made of exactly a role and a content each, else None.
 
     None says nothing about validity: the caller validates such messages the slow way. A valid
     list of plain messages holds strings only, which lets clean trust a faster JSON parser's value.
+    from_orjson: the messages were parsed by orjson, which rejects lone surrogate escapes, so the
+    (costly) check that every content is encodable text is skipped.
     """
     try:
-        return _fast_turns(messages, two_keys=True)
+        return _fast_turns(messages, two_keys=True, encodable=from_orjson)
     except (TypeError, KeyError):
         return None
 
 
-def _fast_turns(messages: Any, two_keys: bool) -> tuple[tuple[str, ...], list[str]] | None:
+def _fast_turns(messages: Any, two_keys: bool, encodable: bool = False) -> tuple[tuple[str, ...], list[str]] | None:
     """(roles, contents) if `messages` is certainly valid, else None or TypeError/KeyError."""
     roles = tuple(map(_ROLE, messages))  # TypeError: not a list of dicts; KeyError: no role
     contents = list(map(_CONTENT, messages))
@@ -93,7 +95,7 @@ def _fast_turns(messages: Any, two_keys: bool) -> tuple[tuple[str, ...], list[st
     if two_keys and sum(map(len, messages)) != 2 * len(contents):
         return None
     if (_role_sequence_ok(roles) and "" not in contents and not any(map(str.isspace, contents))
-            and (joined.isascii() or _encodable(joined))):  # (an unhashable role: TypeError in the lookup)
+            and (encodable or joined.isascii() or _encodable(joined))):  # (an unhashable role: TypeError in the lookup)
         return roles, contents
     return None
 
@@ -174,9 +176,13 @@ def _fold_fullwidth(text: str) -> str:
 
     One str.replace per distinct full-width character present (one or two in typical text) instead
     of str.translate, which costs a dict lookup per character of non-ASCII text (~10x slower here).
+    Each search resumes where the last one stopped: nothing before it is full-width any more.
     """
-    for char in set(_FULLWIDTH_CHAR.findall(text)):
+    found = _FULLWIDTH_CHAR.search(text)
+    while found is not None:
+        char = found.group()
         text = text.replace(char, _FULLWIDTH[char])
+        found = _FULLWIDTH_CHAR.search(text, found.start())
     return text
 
 
@@ -193,12 +199,33 @@ def normalise_many(texts: list[str]) -> list[str]:
     """[normalise(t) for t in texts], with one NFKC/casefold pass over the joined texts (faster).
 
     NUL is the joint: NFKC and casefold leave it alone and nothing composes across it. A text that
-    itself contains NUL falls back to one call per text.
+    itself contains NUL falls back to one call per text. The clean stage passes all the texts of a
+    block of rows at once, so the costs per call are paid once per block, not once per row.
     """
     joined = "\x00".join(texts)
     if joined.count("\x00") != len(texts) - 1:
         return [normalise(t) for t in texts]
-    return [_collapse_whitespace(t) for t in _nfkc_casefold(joined).split("\x00")]
+    if joined.isascii():
+        folded = [joined.lower()]
+        parts = folded[0].split("\x00")
+    else:
+        # ASCII texts only need lower(), far cheaper than casefold over non-ASCII text: fold the
+        # two kinds apart, then put the texts back in order.
+        is_ascii = list(map(str.isascii, texts))
+        folded = ["\x00".join([t for t, a in zip(texts, is_ascii) if a]).lower(),
+                  _nfkc_casefold("\x00".join([t for t, a in zip(texts, is_ascii) if not a]))]
+        ascii_texts, other_texts = (iter(f.split("\x00")) for f in folded)
+        parts = [next(ascii_texts) if a else next(other_texts) for a in is_ascii]
+    # Whitespace collapsing changes nothing in most texts: checked over the joined texts at once
+    # (no double space, no space at either end of a text, nothing but the space among whitespace).
+    if not all(map(_collapsed_joined, folded)) or not all(map(str.isprintable, parts)):
+        return list(map(_collapse_whitespace, parts))
+    return parts
+
+
+def _collapsed_joined(joined: str) -> bool:
+    """No NUL-joined text in `joined` has a double space or a space at either end."""
+    return "  " not in joined and " \x00" not in joined and "\x00 " not in joined and joined[:1] != " " and joined[-1:] != " "
 
 
 def _nfkc_casefold(text: str) -> str:
@@ -239,3 +266,23 @@ def dialogue_fingerprint(normalised: list[str]) -> bytes:
     one %-format of the whole dialogue instead of a string per turn."""
     data = ("u%s\x1ea%s\x1e" * (len(normalised) // 2)) % tuple(normalised)
     return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def dialogue_fingerprints(normalised: list[str], ends: list[int]) -> list[bytes]:
+    """[dialogue_fingerprint(normalised[start:end]) for each dialogue], dialogue k being the turns
+    before ends[k] (after the previous one): one %-format and one UTF-8 encoding for all of them.
+
+    The dialogues are cut apart again at \\x1d, which normalised text cannot contain (str.split()
+    splits at it: whitespace collapsing removes it), like the \\x1e that ends each turn.
+    """
+    pairs, start = [], 0
+    for end in ends:
+        pairs.append((end - start) // 2)
+        start = end
+    template = "".join([_TURN_PAIRS[n] if n < len(_TURN_PAIRS) else "u%s\x1ea%s\x1e" * n + "\x1d" for n in pairs])
+    data = (template % tuple(normalised)).encode("utf-8", "surrogatepass").split(b"\x1d")
+    blake2b = hashlib.blake2b
+    return [blake2b(d, digest_size=16).digest() for d in data[:-1]]
+
+
+_TURN_PAIRS = ["u%s\x1ea%s\x1e" * n + "\x1d" for n in range(16)]  # the template of a dialogue of n turn pairs

@@ -15,19 +15,22 @@ In order, a line is
      depends on other rows: adding data never moves an existing row between train and eval.
 
 Speed (benchmarks/clean_throughput.py): everything that needs no other row (steps 1-5 bar the
-token count, the fingerprint, the split side) is done by _Examiner, in worker processes when the
-input is large (one per CPU; output identical for any number); this process then takes the rows in
-input order, in batches, and does what needs order or the tokenizer: dedupe, counting, writing.
+sampled bound checks, the fingerprint, the split side) is done by _Examiner, in worker processes
+when the input is large (one per idle CPU; output identical for any number); this process then takes
+the rows in input order, in batches, and does what needs order: dedupe, the sampled checks, writing.
 The per-row path avoids work a row does not need: orjson parses (json re-parses the rare row that
-holds a number, to keep json's exact values), a row ingest wrote is recognised with a few C-level
-calls and copied to the output as the bytes read, normalisation skips NFKC when the quick check
-passes, reply rules run their regexes only on replies that hold one of the literals every match
-needs. Most rows never need tokenizing, exactly: every token covers at least one byte of the
+holds a number, to keep json's exact values), and a row exactly as ingest writes it (nearly all) is
+recognised with a few C-level calls and copied to the output as the bytes read. Such rows are
+examined a block (~1 MB of lines) at a time: one normalisation pass over all their texts (NFKC only
+when the quick check fails), one RE2 scan of all their replies for the literals the reply rules
+need (RuleScan: only rows where one occurs run those rules), one formatting of all fingerprints.
+Most rows never need tokenizing, exactly: every token covers at least one byte of the
 (tokenizer-normalised) text, so a row whose contents plus the template's own bytes fit in
-`max_tokens` cannot be too long (ChatLength.upper_bound); and a row with more words or CJK
-ideographs than tokens allow cannot fit (ChatLength.lower_bound). Rows between the two are rendered
-with the compiled chat template and counted in one batched call of the fast tokenizer; every 997th
-row decided by a bound is counted too, and a bound that fails stops the stage.
+`max_tokens` cannot be too long (ChatLength.upper_bound, from the JSON line's length when that
+suffices); and a row with more words or CJK ideographs than tokens allow cannot fit
+(ChatLength.lower_bound). Rows between the two are rendered with the compiled chat template and
+counted in one batched call of the fast tokenizer per block; every 997th row decided by a bound is
+counted too, and a bound that fails stops the stage.
 Memory holds a few blocks of raw lines per worker, one batch, and a 16-byte fingerprint per kept row.
 """
 
@@ -40,20 +43,23 @@ import json
 import multiprocessing
 import os
 import re
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import orjson
+import re2  # google-re2
 import yaml
 
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
-from lorapipe.core.sharegpt import INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, normalise_many, plain_turns
+from lorapipe.core.sharegpt import INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, dialogue_fingerprints, normalise_many, plain_turns
 
 METRICS_JSON = paths.METRICS_DIR / "data.json"
 
@@ -254,6 +260,104 @@ def first_broken_rule(rules: list[Rule], replies: list[str]) -> tuple[str, str] 
     return None
 
 
+class RuleScan:
+    """Finds, for a whole block of replies at once, the rows that a reply rule might reject, and
+    which rules might.
+
+    Checking each reply against each rule costs Python calls per reply and rule. Here each check
+    runs once over all replies of a block: `no_content` maps its regex over the replies, `min_chars`
+    looks at their lengths (a normalised reply has only single inner spaces, so one of at least
+    2N-1 characters has N that are not spaces), and the `full_match` / `contains` rules are covered
+    by one scan of all replies for the literals every match of their patterns contains
+    (Rule.trigger). That scan uses RE2's set matcher (google-re2): which of many literals occur, in
+    one linear pass, where Python's re has no multi-literal search and `in` would rescan the text
+    once per literal. A `full_match` rule can also only match a reply whose core (first to last
+    letter or digit) is no longer than its pattern's longest match. Only the rows where something is
+    found run those rules (first_broken_rule); every other row passes all of them.
+    """
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = rules
+        self._no_content = tuple(j for j, r in enumerate(rules) if r.no_content)
+        self._min_chars = [(j, 2 * r.min_chars - 1) for j, r in enumerate(rules) if r.min_chars is not None]
+        pattern_rules = [(j, r) for j, r in enumerate(rules) if r.full_match is not None or r.contains]
+        self.check_all = any(r.trigger is None for _, r in pattern_rules)  # a pattern without a literal
+        self._literals = [] if self.check_all else sorted(set().union(*(r.trigger for _, r in pattern_rules)))
+        self._literal_rules = [tuple(j for j, r in pattern_rules if lit in r.trigger) for lit in self._literals]
+        widths = {j: _max_width(r.full_match) for j, r in pattern_rules if r.full_match is not None}
+        self._max_width = {j: w for j, w in widths.items() if w is not None}  # bounded full_match patterns
+        self._scanner = self._compile(self._literals)
+
+    @staticmethod
+    def _compile(literals: list[str]):
+        """An RE2::Set of the literals: which of them occur in a text, in one pass over it."""
+        if not literals:
+            return None
+        scanner = re2.Set.SearchSet()
+        for literal in literals:
+            scanner.Add(re2.escape(literal))
+        scanner.Compile()
+        return scanner
+
+    def __getstate__(self) -> dict:  # an RE2 set cannot be pickled: rebuilt from the literals
+        return {**self.__dict__, "_scanner": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._scanner = self._compile(self._literals)
+
+    def suspects(self, replies: list[str], ends: list[int]) -> dict[int, list[Rule]]:
+        """{row index: the rules (in order) that might reject it} for the rows some rule might
+        reject. `replies` are the normalised replies of all rows, row k's dialogue turns ending
+        before ends[k] (its replies at odd positions: reply i is turn 2i+1)."""
+        if self.check_all:
+            return dict.fromkeys(range(len(ends)), self.rules)
+        hits: dict[int, set[int]] = {}  # reply index -> indexes of the rules it might break
+        # A reply that starts with a letter or digit has content: the regex runs on the others only.
+        if self._no_content and not all(map(str.isalnum, map(_FIRST, replies))):
+            for i in [i for i, r in enumerate(replies) if not r[:1].isalnum() and _HAS_CONTENT.search(r) is None]:
+                hits.setdefault(i, set()).update(self._no_content)
+        for j, cut in self._min_chars:
+            if replies and min(map(len, replies)) < cut:
+                for i in [i for i, r in enumerate(replies) if len(r) < cut]:
+                    hits.setdefault(i, set()).add(j)
+        if self._scanner is not None:
+            for k in self._scanner.Match("\n".join(replies)) or ():
+                literal, rule_ids = self._literals[k], self._literal_rules[k]
+                width = max(self._max_width.get(j, _UNBOUNDED) for j in rule_ids)
+                # Only full_match rules that cannot match so long a reply: skip the replies that
+                # start and end with a letter or digit (their own core) and are longer.
+                for i in [i for i, r in enumerate(replies) if literal in r and (len(r) <= width or not (r[0].isalnum() and r[-1].isalnum()))]:
+                    reply = replies[i]
+                    for j in rule_ids:
+                        if len(reply) <= self._max_width.get(j, _UNBOUNDED) or not (reply[0].isalnum() and reply[-1].isalnum()):
+                            hits.setdefault(i, set()).add(j)
+        rows: dict[int, set[int]] = {}
+        for i, rule_ids in hits.items():
+            rows.setdefault(bisect_right(ends, 2 * i + 1), set()).update(rule_ids)
+        return {k: [self.rules[j] for j in sorted(rule_ids)] for k, rule_ids in rows.items()}
+
+
+_FIRST = itemgetter(slice(0, 1))  # a string's first character ('' if empty)
+_UNBOUNDED = 1 << 62
+
+
+def _max_width(pattern: re.Pattern) -> int | None:
+    """The most characters a match of `pattern` can hold, or None when unbounded or unknown.
+
+    From the re module's own parser (re._parser, sre_parse before Python 3.11): the regex engine
+    computes exactly this for every pattern it compiles, and no public API exposes it.
+    """
+    try:
+        parser = getattr(re, "_parser", None)
+        if parser is None:
+            import sre_parse as parser  # Python < 3.11
+        hi = parser.parse(pattern.pattern, pattern.flags).getwidth()[1]
+    except Exception:  # a future re without that parser: no width filter, still exact
+        return None
+    return hi if hi < (1 << 16) else None
+
+
 # ----------------------------------------------------------------------------------- token length
 class ChatLength:
     """Token length of a dialogue rendered with the base model's chat template.
@@ -348,6 +452,20 @@ class ChatLength:
             size = sum(map(self._size, contents))
         return overhead + size + 4 * len(contents) + 8
 
+    def upper_bound_of_line(self, roles: tuple[str, ...], contents: list[str], line_bytes: int, limit: int) -> int | None:
+        """upper_bound_of(roles, contents), or a looser bound found without measuring the contents
+        when that one is already <= limit. The contents come from one JSON line of line_bytes bytes,
+        and a JSON string is never shorter than its text in UTF-8 (escapes only lengthen it), so
+        together they hold at most line_bytes bytes. Only without a normalizer (which may lengthen)."""
+        if self._normalizer is None:
+            overhead = self._overhead(roles)
+            if overhead is None:
+                return None
+            loose = overhead + line_bytes + 4 * len(contents) + 8
+            if loose <= limit:
+                return loose
+        return self.upper_bound_of(roles, contents)
+
     def lower_bound(self, text: str) -> int:
         """A number of tokens the rendered `text` has at least, found without tokenizing it.
 
@@ -357,10 +475,13 @@ class ChatLength:
         (2) no token holds more CJK ideographs than the most any vocabulary entry holds (K, read from
         the vocabulary once), so tokens >= ideographs / K.
         """
-        n = -(-len(_CJK.findall(text)) // self.max_cjk_per_token())
+        n = 0 if text.isascii() else -(-len(_CJK.findall(text)) // self.max_cjk_per_token())
         if self._splits_words:
-            words = text.strip(_WHITE_SPACE)
-            n = max(n, len(_WORD_GAP.split(words)) if words else 0)
+            if not any(map(text.__contains__, "\x1c\x1d\x1e\x1f")):
+                n = max(n, len(text.split()))  # str.split's whitespace is White_Space plus \x1c-\x1f: same words here
+            else:
+                words = text.strip(_WHITE_SPACE)
+                n = max(n, len(_WORD_GAP.split(words)) if words else 0)
         return n
 
     def max_cjk_per_token(self) -> int:
@@ -513,7 +634,7 @@ def _plain_row(raw: bytes) -> tuple[dict, tuple[str, ...], list[str]] | None:
     try:
         row = orjson.loads(raw)
         if row.keys() == ROW_KEYS and type(row["source"]) is str and type(row["origin"]) is str:
-            turns = plain_turns(row["messages"])
+            turns = plain_turns(row["messages"], from_orjson=True)
             if turns is not None:
                 return row, *turns
     except (orjson.JSONDecodeError, AttributeError):  # AttributeError: not an object
@@ -561,8 +682,9 @@ def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: 
 #   rejected here:  (lineno, reason, detail, record line)
 #   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, raw line, kept line or None
 #                    (= the raw line as is), rendering or None)
-#   rendering (for rows the upper bound cannot clear): (lower bound, rendered text, None) or
-#                    (None, None, error message) when the template cannot render the row.
+#   rendering (for rows the upper bound cannot clear): (lower bound, rendered text, None, tokens or
+#                    None when the lower bound shows the row too long) or (None, None, error message,
+#                    None) when the template cannot render the row.
 
 
 class _Examiner:
@@ -577,23 +699,94 @@ class _Examiner:
         self.s = settings
         self.length = length
         self.rules = rules
+        self.rule_scan = RuleScan(rules)
         self._salt = settings.salt.encode("utf-8") + b"\x00"
         self._eval_cut = int(settings.eval_fraction * 2**64)
 
     def block(self, label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
-        """Examine the lines of a block of whole lines of a file, its first line numbered first_lineno."""
-        examined = []
-        for offset, raw in enumerate(block.split(b"\n")):
-            lineno = first_lineno + offset
-            if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[3:]
-            raw = raw.rstrip(b"\r\n")  # CRLF line ends
-            if raw and not raw.isspace():  # blank lines hold no row: not read, not counted
-                examined.append(self.line(label, source, lineno, raw))
+        """Examine the lines of a block of whole lines of a file, its first line numbered first_lineno.
+
+        Rows exactly as ingest writes them (nearly all) are examined together by _examine_plain;
+        any other line alone, by line().
+        """
+        lines = block.split(b"\n")
+        if first_lineno == 1 and lines[0].startswith(_BOM):
+            lines[0] = lines[0][3:]
+        crlf = b"\r" in block
+        needs_system = bool(self.s.system_prompt)
+        examined: list = []
+        plain: list[tuple] = []  # (slot in examined, lineno, raw, row, roles, contents)
+        for offset, raw in enumerate(lines):
+            if crlf:
+                raw = raw.rstrip(b"\r\n")  # CRLF line ends
+            if not raw or raw.isspace():  # blank lines hold no row: not read, not counted
+                continue
+            row = _plain_row(raw)
+            if row is not None and not (needs_system and row[1][0] != "system"):
+                plain.append((len(examined), first_lineno + offset, raw, *row))
+                examined.append(None)
+            else:
+                examined.append(self.line(label, source, first_lineno + offset, raw, row))
+        if plain:
+            self._examine_plain(label, source, plain, examined)
         return examined
 
-    def line(self, label: str, source: str, lineno: int, raw: bytes) -> tuple:
-        plain = _plain_row(raw)
+    def _examine_plain(self, label: str, source: str, plain: list[tuple], examined: list) -> None:
+        """line() for many plain rows (see _plain_row) at once, into their slots of `examined`.
+
+        The same decisions as line(), with the per-row costs paid once per block: one
+        normalisation pass over the texts of all rows, one scan of all replies for what the reply
+        rules look for (only rows where something is found run the rules), and a token bound from
+        the line's byte length.
+        """
+        texts: list[str] = []
+        ends: list[int] = []  # where each row's dialogue texts end in `texts`
+        for item in plain:
+            contents = item[5]
+            texts += contents[1:] if item[4][0] == "system" else contents
+            ends.append(len(texts))
+        normalised = normalise_many(texts)
+        # Every row's dialogue is user, assistant, ..., so replies are at odd positions throughout.
+        suspects = self.rule_scan.suspects(normalised[1::2], ends)
+        fingerprints = dialogue_fingerprints(normalised, ends)
+        salt, eval_cut, max_tokens, length = self._salt, self._eval_cut, self.s.max_tokens, self.length
+        blake2b = hashlib.blake2b
+        to_count: list[int] = []  # slots of rows whose tokens must be counted
+        for k, (slot, lineno, raw, row, roles, contents) in enumerate(plain):
+            if k in suspects:
+                broken = first_broken_rule(suspects[k], normalised[(ends[k - 1] if k else 0) + 1:ends[k]:2])
+                if broken:
+                    examined[slot] = self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, True, None, label, lineno, source)
+                    continue
+            fp = fingerprints[k]
+            to_eval = int.from_bytes(blake2b(salt + fp, digest_size=8).digest(), "big") < eval_cut
+            bound = length.upper_bound_of_line(roles, contents, len(raw), max_tokens)
+            rendering = None
+            if bound is None or bound > max_tokens:
+                rendering = self._rendering(row["messages"], label, lineno, count=False)
+                if rendering[0] is not None and rendering[0] <= max_tokens:
+                    to_count.append(slot)
+            examined[slot] = (lineno, None, fp, to_eval, bound, raw, None, rendering)
+        if to_count:  # one batched tokenizer call for the rows of this block that the bounds cannot decide
+            for slot, n in zip(to_count, length.count([examined[slot][7][1] for slot in to_count])):
+                examined[slot] = (*examined[slot][:7], (*examined[slot][7][:3], n))
+
+    def _rendering(self, messages: list[dict], label: str, lineno: int, count: bool = True) -> tuple:
+        """(lower bound, rendered text, None, tokens) of a row the upper bound cannot clear, or
+        (None, None, error message, None) when the template cannot render it. Tokens are counted
+        (when `count`) only if the lower bound does not already show the row too long, else None."""
+        try:
+            text = self.length.render(messages)
+        except Exception as exc:  # e.g. a template that raises on a system turn (jinja's raise_exception)
+            return (None, None, f"{label}:{lineno}: the base model's chat template cannot render this row: {exc}", None)
+        floor = self.length.lower_bound(text)
+        n = self.length.count([text])[0] if count and floor <= self.s.max_tokens else None
+        return (floor, text, None, n)
+
+    def line(self, label: str, source: str, lineno: int, raw: bytes, plain: tuple | None = None) -> tuple:
+        """Examine one line; `plain` is _plain_row(raw) when the caller has it already."""
+        if plain is None:
+            plain = _plain_row(raw)
         if plain is not None:
             row, roles, contents = plain
             strings_only = verbatim = True
@@ -638,11 +831,7 @@ class _Examiner:
             }, strings_only)
         rendering = None
         if bound is None or bound > self.s.max_tokens:  # the parent will have to count its tokens
-            try:
-                text = self.length.render(messages)
-                rendering = (self.length.lower_bound(text), text, None)
-            except Exception as exc:  # e.g. a template that raises on a system turn (jinja's raise_exception)
-                rendering = (None, None, f"{label}:{lineno}: the base model's chat template cannot render this row: {exc}")
+            rendering = self._rendering(messages, label, lineno)
         return (lineno, None, fp, to_eval, bound, raw, kept_line, rendering)
 
     def _rejected(self, reason: str, detail: str, row: Any, strings_only: bool, text: str | None, label: str, lineno: int, source: str) -> tuple:
@@ -798,86 +987,87 @@ class Cleaner:
         # Which rows get their tokens counted: those the upper bound cannot clear, and every
         # bound_check_every-th row it did clear (a run-time check of the bound). A row that repeats
         # one kept in an earlier batch is a duplicate at once and never counted.
-        duplicates: set[int] = set()
         to_count: list[int] = []
+        max_tokens, every, since_check = s.max_tokens, s.bound_check_every, self._since_check
         for i, item in enumerate(batch):
-            if item[1] is not None:
-                continue
-            if item[2] in seen:
-                duplicates.add(i)
+            if item[1] is not None or item[2] in seen:
                 continue
             bound = item[4]
-            if bound is None or bound > s.max_tokens:
+            if bound is None or bound > max_tokens:
                 to_count.append(i)
             else:
-                self._since_check += 1
-                if self._since_check >= s.bound_check_every:
-                    self._since_check = 0
+                since_check += 1
+                if since_check >= every:
+                    since_check = 0
                     to_count.append(i)
-        texts: list[str] = []
-        for i in to_count:
-            rendering = batch[i][7]
-            if rendering is None:  # a sampled row the bound cleared: rendered only now
-                texts.append(self._render(batch[i], label))
-            elif rendering[2] is not None:
-                raise LorapipeError(rendering[2])
-            else:
-                texts.append(rendering[1])
         # Rows certainly too long by the floor are not tokenized either (bar the sampled checks).
         floors: dict[int, int] = {}
         exact: list[tuple[int, str]] = []
-        for i, text in zip(to_count, texts):
+        tokens: dict[int, int] = {}  # rows counted by the examiner, and below
+        for i in to_count:
             rendering = batch[i][7]
-            if rendering is not None and rendering[0] > s.max_tokens:
+            if rendering is None:  # a sampled row the bound cleared: rendered only now
+                exact.append((i, self._render(batch[i], label)))
+                continue
+            if rendering[2] is not None:
+                raise LorapipeError(rendering[2])
+            if rendering[3] is not None:  # counted already by the examiner
+                tokens[i] = rendering[3]
+            elif rendering[0] > max_tokens:
                 floors[i] = rendering[0]
-                self._since_check += 1
-                if self._since_check < s.bound_check_every:
+                since_check += 1
+                if since_check < every:
                     continue
-                self._since_check = 0
-            exact.append((i, text))
-        tokens: dict[int, int] = {}
-        for (i, _), n in zip(exact, self.length.count([t for _, t in exact])):
-            tokens[i] = n
-            bound, floor = batch[i][4], floors.get(i)
+                since_check = 0
+                exact.append((i, rendering[1]))
+            else:
+                exact.append((i, rendering[1]))
+        self._since_check = since_check
+        # Rows tokenized: here, and by the examiner (also those found duplicates here since).
+        self.report.token_counted += len(exact) + sum([1 for item in batch if item[1] is None and item[7] is not None and item[7][3] is not None])
+        tokens.update((i, n) for (i, _), n in zip(exact, self.length.count([t for _, t in exact])))
+        for i, n in tokens.items():
+            bound, floor = batch[i][4], floors.get(i, batch[i][7][0] if batch[i][7] else None)
             if (bound is not None and n > bound) or (floor is not None and n < floor):
                 raise RuntimeError(f"{label}:{batch[i][0]}: {n} tokens, outside the bounds [{floor}, {bound}]: "
                                    "the length shortcut does not hold for this tokenizer/template")
-        self.report.token_counted += len(exact)
+        too_long = {i for i, n in tokens.items() if n > max_tokens} | floors.keys()
 
-        total, dropped = self.report.total, self.report.dropped
+        # Lines are gathered and written once per batch; counts are added up once per batch.
+        dropped, files = self.report.dropped, self._files
+        train: list[bytes] = []
+        evals: list[bytes] = []
+        rejects: list[bytes] = []
         for i, item in enumerate(batch):
-            counts.read += 1
-            total.read += 1
             reason = item[1]
-            if reason is not None:  # rejected by the examiner: its record is written already
-                out.rejects.write(item[3])
-            else:
-                lineno, _, fp, to_eval, _, raw, kept_line, _ = item
+            if reason is not None:  # rejected by the examiner: its record is made already
+                rejects.append(item[3])
+                dropped[reason] += 1
+                continue
+            fp = item[2]
+            if i in too_long:
                 n = tokens.get(i)
-                if n is not None and n > s.max_tokens:
-                    reason, detail = "too_long", f"{n} tokens > max_tokens {s.max_tokens}"
-                elif i in floors:
-                    reason, detail = "too_long", f"at least {floors[i]} tokens > max_tokens {s.max_tokens}"
-                elif i in duplicates or fp in seen:
-                    kept = seen[fp]
-                    reason, detail = "duplicate", f"same user+assistant text as {self._files[kept >> 32]}:{kept & 0xFFFFFFFF}"
-                else:
-                    seen[fp] = file_index << 32 | lineno
-                    line = kept_line or raw + b"\n"
-                    if to_eval:
-                        out.eval.write(line)
-                        counts.eval += 1
-                        total.eval += 1
-                    else:
-                        out.train.write(line)
-                        counts.train += 1
-                        total.train += 1
-                    continue
-                row, strings_only, _ = parse_line(raw)  # parsed again only for this reject record
-                out.rejects.write(_dump_line(_reject_record(reason, detail, row, None, label, lineno, source), strings_only))
-            counts.rejected += 1
-            total.rejected += 1
+                reason, detail = ("too_long", f"{n} tokens > max_tokens {max_tokens}" if n is not None and n > max_tokens
+                                  else f"at least {floors[i]} tokens > max_tokens {max_tokens}")
+            elif fp in seen:
+                kept = seen[fp]
+                reason, detail = "duplicate", f"same user+assistant text as {files[kept >> 32]}:{kept & 0xFFFFFFFF}"
+            else:
+                seen[fp] = file_index << 32 | item[0]
+                (evals if item[3] else train).append(item[6] or item[5] + b"\n")
+                continue
+            lineno, raw = item[0], item[5]
+            row, strings_only, _ = parse_line(raw)  # parsed again only for this reject record
+            rejects.append(_dump_line(_reject_record(reason, detail, row, None, label, lineno, source), strings_only))
             dropped[reason] += 1
+        out.train.write(b"".join(train))
+        out.eval.write(b"".join(evals))
+        out.rejects.write(b"".join(rejects))
+        for c in (counts, self.report.total):
+            c.read += len(batch)
+            c.train += len(train)
+            c.eval += len(evals)
+            c.rejected += len(rejects)
 
     def _render(self, item: tuple, label: str) -> str:
         try:
