@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
-LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-portable/.built
+LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-cpu/.built
 VENV_STAMP := $(VENV)/.installed
 
 .PHONY: setup repro test test-quick bench clean-venv

@@ -1,7 +1,7 @@
 """Locate the pinned llama.cpp build (tools, converter, shared libraries).
 
 `make setup` builds it into $LORAPIPE_LLAMA_CPP (default ~/.cache/lorapipe/llama-cpp-python-<ver>):
-the unpacked llama-cpp-python sdist with vendor/llama.cpp and a `build-portable/` of the tools we run.
+the unpacked llama-cpp-python sdist with vendor/llama.cpp and a `build-cpu/` of the tools we run.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def source_dir() -> Path:
 
 
 def bin_dir() -> Path:
-    # build-portable: built without -march=native (see scripts/build-llama-cpp.sh for why)
-    return home() / "build-portable" / "bin"
+    # build-cpu: this CPU's extensions named one by one, never -march=native (scripts/build-llama-cpp.sh says why)
+    return home() / "build-cpu" / "bin"
 
 
 def tool(name: str) -> Path:
