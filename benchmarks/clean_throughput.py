@@ -8,8 +8,8 @@ subprocess so that peak RSS is honest:
   seed   a faithful re-implementation of the seed's script (one `tokenizer(text)` call per row,
          a Python set of full-text (user, assistant) tuples, json.dumps per kept row);
   clean  lorapipe's Cleaner (the stage's core) with the default rules file, max_tokens 2048, and
-         its automatic number of worker processes (one per idle CPU for an input this large, none
-         on a busy machine);
+         its automatic number of worker processes (one per CPU idle at the start, for an input this
+         large; none on a busy machine);
   clean-1proc / clean-workers  the same in one process (workers=1) / with one worker per CPU:
          their outputs must be byte-identical to clean's;
   clean-count-all  the same, but rendering and tokenizing every row (no size bound), to show what
@@ -237,7 +237,9 @@ def worker_clean(data: Path, tok_dir: Path, out_dir: Path, kind: str) -> dict:
     extra = {"clean": {}, "clean-1proc": {"workers": 1}, "clean-workers": {"workers": os.cpu_count() or 1},
              "clean-count-all": {"bound_check_every": 1}}[kind]
     settings = Settings(max_tokens=MAX_TOKENS, eval_fraction=0.05, **extra)
+    # The stage's own choice (idle CPUs now), made once here so that the table reports what ran.
     workers = worker_count(settings, [data])
+    settings = Settings(max_tokens=MAX_TOKENS, eval_fraction=0.05, **{**extra, "workers": workers})
     setup = time.perf_counter() - t0
     rss_setup = _rss_kb("VmRSS")
     names = [out_dir / f"{kind}_{n}.jsonl" for n in ("train", "eval", "rejects")]

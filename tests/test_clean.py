@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,56 @@ def test_fingerprint_is_fixed_size_and_normalisation_matches_per_text():
     fp = fingerprint([("user", "a" * 10_000), ("assistant", "b")])
     assert isinstance(fp, bytes) and len(fp) == 16
     assert fingerprint([("user", "ab"), ("assistant", "c")]) != fingerprint([("user", "a"), ("assistant", "bc")])
+
+
+def test_block_helpers_equal_their_one_row_versions():
+    """normalise_many, dialogue_fingerprints and plain_turns_many (one pass over a block) give what
+    the one-text / one-row functions give, on random texts and random valid and invalid messages."""
+    import random
+
+    from lorapipe.core.sharegpt import dialogue_fingerprint, dialogue_fingerprints, plain_turns, plain_turns_many
+
+    rng = random.Random(7)
+    alphabet = ([chr(c) for c in range(0x20, 0x250)] + ["\x00", "\t", "\n", "\x1c", "\x85", "\xa0", "\u2028", "\u3000",
+                "，", "！", "Ａ", "ﬁ", "ẞ", "İ", "你", "好", "%s", "  "])
+    for _ in range(300):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 12))]
+        if rng.random() < 0.4:
+            texts = [t.encode("ascii", "ignore").decode() for t in texts]
+        assert normalise_many(texts) == [normalise(t) for t in texts]
+    dialogues = [normalise_many(["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
+                                 for _ in range(2 * rng.randint(1, 20))]) for _ in range(200)]
+    ends = [sum(map(len, dialogues[:k + 1])) for k in range(len(dialogues))]
+    assert dialogue_fingerprints([t for d in dialogues for t in d], ends) == list(map(dialogue_fingerprint, dialogues))
+
+    def message(valid: bool):
+        good = {"role": "user", "content": "hi"}
+        return good if valid else rng.choice([{"role": "user"}, {"role": "user", "content": 3}, {"role": "user", "content": " "},
+                                              {"role": "x", "content": "hi"}, "text", {"role": "user", "content": "hi", "name": "a"},
+                                              {"role": ["user"], "content": "hi"}])
+
+    def messages(valid: bool):
+        n = rng.randint(1, 3)
+        turns = [{"role": r, "content": f"t{i}"} for i, r in enumerate(["user", "assistant"] * n)]
+        if rng.random() < 0.3:
+            turns.insert(0, {"role": "system", "content": "s"})
+        if not valid:
+            kind = rng.randrange(4)
+            if kind == 0:
+                turns[rng.randrange(len(turns))] = message(False)
+            elif kind == 1:
+                turns.append({"role": "user", "content": "again"})
+            elif kind == 2:
+                turns = []
+            else:
+                return {"not": "a list"}
+        return turns
+
+    for _ in range(200):
+        lists = [messages(rng.random() < 0.9) for _ in range(rng.randint(1, 8))]
+        assert plain_turns_many(lists) == [plain_turns(m) for m in lists]
+    lists = [messages(True) for _ in range(50)]
+    assert plain_turns_many(lists) == [plain_turns(m) for m in lists] and None not in plain_turns_many(lists)
 
 
 def test_too_long_counts_tokens_of_the_chat_template_rendering(project, smollm2_tokenizer_dir):
@@ -347,3 +398,21 @@ def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_p
             assert n <= a[4] <= t[4]
         else:
             assert t == a
+
+
+def test_idle_cpus_sees_busy_cpus():
+    """Workers are started only on CPUs found idle; with every CPU kept busy, at most one looks idle."""
+    import subprocess
+    import sys
+
+    cpus = len(os.sched_getaffinity(0))
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert 0 <= clean.idle_cpus() <= 1
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()

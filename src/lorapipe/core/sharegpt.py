@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from itertools import chain, islice
 from operator import itemgetter
 from typing import Any, Iterable
 
@@ -98,6 +99,32 @@ def _fast_turns(messages: Any, two_keys: bool, encodable: bool = False) -> tuple
             and (encodable or joined.isascii() or _encodable(joined))):  # (an unhashable role: TypeError in the lookup)
         return roles, contents
     return None
+
+
+def plain_turns_many(messages_lists: list, *, from_orjson: bool = False) -> list[tuple[tuple[str, ...], list[str]] | None]:
+    """[plain_turns(m, from_orjson=...) for m in messages_lists], checked all at once when all are
+    plain and valid (the usual case): each check is one C-level pass over all messages of all
+    lists instead of a few Python calls per list. Anything unusual: one plain_turns call per list.
+    """
+    try:
+        if set(map(type, messages_lists)) != {list}:
+            raise TypeError
+        counts = list(map(len, messages_lists))
+        messages = list(chain.from_iterable(messages_lists))
+        if set(map(type, messages)) != {dict} or set(map(len, messages)) != {2}:
+            raise TypeError
+        roles = list(map(_ROLE, messages))
+        contents = list(map(_CONTENT, messages))
+        joined = "".join(contents)  # TypeError: a content that is not a string
+        if "" in contents or any(map(str.isspace, contents)) or not (from_orjson or joined.isascii() or _encodable(joined)):
+            raise TypeError
+        role_iter, content_iter = iter(roles), iter(contents)
+        role_seqs = [tuple(islice(role_iter, n)) for n in counts]  # TypeError: an unhashable role
+        if not all(map(_role_sequence_ok, role_seqs)):
+            raise TypeError
+        return [(seq, list(islice(content_iter, n))) for seq, n in zip(role_seqs, counts)]
+    except (TypeError, KeyError):
+        return [plain_turns(m, from_orjson=from_orjson) for m in messages_lists]
 
 
 # Role sequences already checked (True = well ordered). Bounded: one entry per distinct dialogue shape.

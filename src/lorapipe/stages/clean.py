@@ -43,6 +43,7 @@ import json
 import multiprocessing
 import os
 import re
+import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
-from lorapipe.core.sharegpt import INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, dialogue_fingerprints, normalise_many, plain_turns
+from lorapipe.core.sharegpt import (INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, dialogue_fingerprints,
+                                    normalise_many, plain_turns, plain_turns_many)
 
 METRICS_JSON = paths.METRICS_DIR / "data.json"
 
@@ -577,6 +579,7 @@ class Outputs:
 
 # ------------------------------------------------------------------------------- reading a line
 _BOM = b"\xef\xbb\xbf"
+_NOT_CHECKED = object()  # _Examiner.line(): whether the line is a plain row is not known yet
 _STRICT_REASONS = frozenset((*READ_REASONS, *INVALID_REASONS))  # what data.clean.strict turns into an error
 
 
@@ -640,6 +643,25 @@ def _plain_row(raw: bytes) -> tuple[dict, tuple[str, ...], list[str]] | None:
     except (orjson.JSONDecodeError, AttributeError):  # AttributeError: not an object
         pass
     return None
+
+
+def _plain_rows(lines: list[bytes]) -> list[tuple[dict, tuple[str, ...], list[str]] | None]:
+    """[_plain_row(raw) for raw in lines], with the messages of all rows checked at once
+    (sharegpt.plain_turns_many: a few C-level passes instead of a few Python calls per row)."""
+    rows = []
+    loads = orjson.loads
+    for raw in lines:
+        try:
+            rows.append(loads(raw))
+        except orjson.JSONDecodeError:
+            rows.append(None)
+    keys_ok = [i for i, row in enumerate(rows) if type(row) is dict and row.keys() == ROW_KEYS
+               and type(row["source"]) is str and type(row["origin"]) is str]
+    plain: list = [None] * len(rows)
+    for i, turns in zip(keys_ok, plain_turns_many([rows[i]["messages"] for i in keys_ok], from_orjson=True)):
+        if turns is not None:
+            plain[i] = (rows[i], *turns)
+    return plain
 
 
 def _dump_line(obj: dict, strings_only: bool) -> bytes:
@@ -712,21 +734,19 @@ class _Examiner:
         lines = block.split(b"\n")
         if first_lineno == 1 and lines[0].startswith(_BOM):
             lines[0] = lines[0][3:]
-        crlf = b"\r" in block
+        if b"\r" in block:
+            lines = [raw.rstrip(b"\r\n") for raw in lines]  # CRLF line ends
+        # Blank lines hold no row: not read, not counted.
+        numbered = [(first_lineno + offset, raw) for offset, raw in enumerate(lines) if raw and not raw.isspace()]
         needs_system = bool(self.s.system_prompt)
         examined: list = []
         plain: list[tuple] = []  # (slot in examined, lineno, raw, row, roles, contents)
-        for offset, raw in enumerate(lines):
-            if crlf:
-                raw = raw.rstrip(b"\r\n")  # CRLF line ends
-            if not raw or raw.isspace():  # blank lines hold no row: not read, not counted
-                continue
-            row = _plain_row(raw)
+        for (lineno, raw), row in zip(numbered, _plain_rows([raw for _, raw in numbered])):
             if row is not None and not (needs_system and row[1][0] != "system"):
-                plain.append((len(examined), first_lineno + offset, raw, *row))
+                plain.append((len(examined), lineno, raw, *row))
                 examined.append(None)
             else:
-                examined.append(self.line(label, source, first_lineno + offset, raw, row))
+                examined.append(self.line(label, source, lineno, raw, row))
         if plain:
             self._examine_plain(label, source, plain, examined)
         return examined
@@ -783,9 +803,9 @@ class _Examiner:
         n = self.length.count([text])[0] if count and floor <= self.s.max_tokens else None
         return (floor, text, None, n)
 
-    def line(self, label: str, source: str, lineno: int, raw: bytes, plain: tuple | None = None) -> tuple:
+    def line(self, label: str, source: str, lineno: int, raw: bytes, plain: Any = _NOT_CHECKED) -> tuple:
         """Examine one line; `plain` is _plain_row(raw) when the caller has it already."""
-        if plain is None:
+        if plain is _NOT_CHECKED:
             plain = _plain_row(raw)
         if plain is not None:
             row, roles, contents = plain
@@ -886,13 +906,40 @@ def worker_count(settings: Settings, files: list[Path]) -> int:
     total = sum(p.stat().st_size for p in files)
     if total < _PARALLEL_MIN_BYTES:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0])  # runnable processes, averaged over the last minute
-    except OSError:  # not available on this platform
-        busy = 0
-    idle = cpus - busy
+    idle = idle_cpus()
     return idle if idle >= 2 else 1
+
+
+def idle_cpus(window: float = 0.2) -> int:
+    """CPUs (of those this process may run on) that were idle over the last `window` seconds.
+
+    From the per-CPU lines of /proc/stat. Not the load average: it trails by a minute, so right
+    after other heavy work it still counts CPUs as busy that are idle.
+    """
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+    def times() -> dict[int, tuple[int, int]] | None:
+        """cpu number -> (idle + iowait ticks, all ticks but guest time), for the CPUs in `mine`."""
+        try:
+            with open("/proc/stat") as f:
+                rows = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+            return {n: (v[3] + v[4], sum(v[:8])) for n, v in ((int(r[0][3:]), [int(x) for x in r[1:]]) for r in rows) if n in mine}
+        except (OSError, ValueError, IndexError):
+            return None
+
+    before = times()
+    if not before:  # no /proc/stat (not Linux): the load average instead
+        try:
+            return max(0, len(mine) - int(os.getloadavg()[0]))
+        except OSError:
+            return len(mine)
+    time.sleep(window)
+    after = times() or before
+    idle = 0.0
+    for n, (idle0, total0) in before.items():
+        idle1, total1 = after.get(n, (idle0, total0))
+        idle += (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
+    return round(idle)
 
 
 class _ExaminerPool:
