@@ -222,7 +222,12 @@ def test_render_matches_apply_chat_template_and_the_size_bound_holds(length, smo
     samples = [
         row("hi", "hello"), row("最近工作压力很大，晚上总是睡不着。", "听到你这么说我很难过。", system="你是一位温暖的助手。"),
         row("a", "b", "c", "d"), row("emoji 😊😊 and  spaces\n\n", "Ünïcödé ñ ß 𝒳 " * 50), row("#" * 500, "=" * 300),
+        row("我和最好的朋友吵架了，心里很难受。" * 40, "你的感受是真实的，也是可以被理解的。" * 40),
     ]
+    k, shared = length.cjk_profile()  # the vocabulary's ideographs that share a token with another one
+    for i in tok.get_vocab().values():
+        ideographs = clean._CJK.findall(tok.decode([i]))
+        assert len(ideographs) <= k and (len(ideographs) < 2 or all(shared.fullmatch(c) for c in ideographs))
     for r in samples:
         text = length.render(r["messages"])
         assert text == tok.apply_chat_template(r["messages"], tokenize=False)
@@ -230,6 +235,8 @@ def test_render_matches_apply_chat_template_and_the_size_bound_holds(length, smo
         assert n == len(tok(text, add_special_tokens=False)["input_ids"])
         assert length.lower_bound(text) <= n <= length.upper_bound(r["messages"])
     assert length.lower_bound("") == 0 and length.lower_bound("一二三四五 six seven") >= 3
+    long_chinese = length.render(samples[-1]["messages"])  # a floor of about one token per ideograph here
+    assert length.count([long_chinese])[0] >= length.lower_bound(long_chinese) >= 0.9 * len(clean._CJK.findall(long_chinese))
 
 
 def test_system_prompt_is_added_only_where_missing(project):

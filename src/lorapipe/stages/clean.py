@@ -326,13 +326,11 @@ class RuleScan:
         if self._scanner is not None:
             for k in self._scanner.Match("\n".join(replies)) or ():
                 literal, rule_ids = self._literals[k], self._literal_rules[k]
-                width = max(self._max_width.get(j, _UNBOUNDED) for j in rule_ids)
-                # Only full_match rules that cannot match so long a reply: skip the replies that
-                # start and end with a letter or digit (their own core) and are longer.
-                for i in [i for i, r in enumerate(replies) if literal in r and (len(r) <= width or not (r[0].isalnum() and r[-1].isalnum()))]:
+                for i in [i for i, r in enumerate(replies) if literal in r]:
                     reply = replies[i]
-                    for j in rule_ids:
-                        if len(reply) <= self._max_width.get(j, _UNBOUNDED) or not (reply[0].isalnum() and reply[-1].isalnum()):
+                    own_core = reply[0].isalnum() and reply[-1].isalnum()  # starts and ends with a letter or digit
+                    for j in rule_ids:  # a full_match rule cannot match a core longer than its pattern's widest match
+                        if not own_core or len(reply) <= self._max_width.get(j, _UNBOUNDED):
                             hits.setdefault(i, set()).add(j)
         rows: dict[int, set[int]] = {}
         for i, rule_ids in hits.items():
@@ -391,7 +389,7 @@ class ChatLength:
         backend = tok.backend_tokenizer
         self._normalizer = backend.normalizer
         self._overheads: dict[tuple[str, ...], int | None] = {}
-        self._max_cjk_per_token: int | None = None  # computed on first use (decodes the vocabulary)
+        self._cjk_profile: tuple[int, re.Pattern | None] | None = None  # on first use (decodes the vocabulary)
         pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
         # Pre-tokenizers that never put two whitespace-separated words in one piece; an added
         # (special) token whose text holds whitespace could span two words, so none may.
@@ -474,10 +472,19 @@ class ChatLength:
         Lets a 1 MB paste be rejected as too long without tokenizing a megabyte. Two counts, each a
         floor: (1) when the pre-tokenizer splits at whitespace (byte-level BPE's GPT-2 regex,
         split, Whitespace, BERT), no token spans two whitespace-separated words, so tokens >= words;
-        (2) no token holds more CJK ideographs than the most any vocabulary entry holds (K, read from
-        the vocabulary once), so tokens >= ideographs / K.
+        (2) from the vocabulary, read once (cjk_profile): an ideograph that no vocabulary entry
+        shares with another ideograph needs a token of its own, and no token holds more than K
+        ideographs, so tokens >= lone ideographs + other ideographs / K. For an English-centred
+        vocabulary nearly every ideograph is lone: the floor is about one token per ideograph, and
+        long Chinese rows are found too long without tokenizing them.
         """
-        n = 0 if text.isascii() else -(-len(_CJK.findall(text)) // self.max_cjk_per_token())
+        n = 0
+        if not text.isascii():
+            ideographs = len(_CJK.findall(text))
+            if ideographs:
+                k, shared = self.cjk_profile()
+                in_shared = len(shared.findall(text)) if shared is not None else 0
+                n = ideographs - in_shared + -(-in_shared // k)
         if self._splits_words:
             if not any(map(text.__contains__, "\x1c\x1d\x1e\x1f")):
                 n = max(n, len(text.split()))  # str.split's whitespace is White_Space plus \x1c-\x1f: same words here
@@ -486,13 +493,20 @@ class ChatLength:
                 n = max(n, len(_WORD_GAP.split(words)) if words else 0)
         return n
 
-    def max_cjk_per_token(self) -> int:
-        """The most CJK ideographs any vocabulary entry holds (decodes the vocabulary once)."""
-        if self._max_cjk_per_token is None:
+    def cjk_profile(self) -> tuple[int, re.Pattern | None]:
+        """(K, shared): the most CJK ideographs any vocabulary entry holds, and a regex of the
+        ideographs that some entry holds together with another one (None if no entry holds two).
+        Decodes the vocabulary once."""
+        if self._cjk_profile is None:
             backend = self._tokenizer.backend_tokenizer
-            vocab = backend.get_vocab(with_added_tokens=True)
-            self._max_cjk_per_token = max(1, max(len(_CJK.findall(backend.decode([i], skip_special_tokens=False))) for i in vocab.values()))
-        return self._max_cjk_per_token
+            most, shared = 1, set()
+            for i in backend.get_vocab(with_added_tokens=True).values():
+                ideographs = _CJK.findall(backend.decode([i], skip_special_tokens=False))
+                if len(ideographs) >= 2:
+                    most = max(most, len(ideographs))
+                    shared.update(ideographs)
+            self._cjk_profile = (most, re.compile("[" + "".join(sorted(shared)) + "]") if shared else None)
+        return self._cjk_profile
 
     def count(self, texts: list[str]) -> list[int]:
         """Token counts, one batched call into the Rust tokenizer (parallel across cores)."""
@@ -952,7 +966,7 @@ class _ExaminerPool:
     """
 
     def __init__(self, examiner: _Examiner, workers: int):
-        examiner.length.max_cjk_per_token()  # compute once here, not once per worker
+        examiner.length.cjk_profile()  # compute once here, not once per worker
         self.workers = workers
         gc.freeze()
         try:
@@ -1033,7 +1047,7 @@ class Cleaner:
 
         # Which rows get their tokens counted: those the upper bound cannot clear, and every
         # bound_check_every-th row it did clear (a run-time check of the bound). A row that repeats
-        # one kept in an earlier batch is a duplicate at once and never counted.
+        # one kept in an earlier batch is a duplicate at once and not counted here.
         to_count: list[int] = []
         max_tokens, every, since_check = s.max_tokens, s.bound_check_every, self._since_check
         for i, item in enumerate(batch):
