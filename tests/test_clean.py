@@ -283,7 +283,7 @@ def test_missing_inputs_are_clear_errors(project):
     with pytest.raises(LorapipeError, match=r"data/raw/ not found: run `lorapipe ingest` first"):
         run()
     write_raw(project, "s", [row("hi", "hello there")])
-    with pytest.raises(LorapipeError, match=r"nope\.yaml: rules file not found \(params key data\.clean\.rules\)"):
+    with pytest.raises(LorapipeError, match=r"nope\.yaml: rules file \(params key data\.clean\.rules\) not found"):
         run({"rules": "nope.yaml"})
     (project / "models" / "base").unlink()
     (project / "models" / "base").mkdir()
@@ -349,6 +349,7 @@ def test_literal_pretrigger_never_hides_a_match():
     ("rules: [{name: duplicate, min_chars: 2}]", r"name already used"),
     ("rules: [{name: a, min_char: 2}]", r"unknown key\(s\) min_char"),
     ("rules: 3", r"expected a mapping with a 'rules' list"),
+    ("rules:\n  - name: a\n    min_chars: [2\n", r"r\.yaml:\d+: rules file \(params key data\.clean\.rules\) is not valid YAML"),
 ])
 def test_rules_file_errors_name_the_file_and_rule(tmp_path, text, message):
     path = tmp_path / "r.yaml"

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.yamlfile import read_yaml
 
 HELP = "convert a LLaMA-Factory train YAML (+ merge YAML, dataset_info.json) into params.yaml sections"
 
@@ -166,16 +167,8 @@ class Report:
         return "\n".join(out + [f"warning: {w}" for w in self.warnings])
 
 
-def read_yaml(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LorapipeError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise LorapipeError(f"{where}: {what} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+def read_arguments(path: str | Path, what: str) -> dict:
+    data = read_yaml(path, what)
     if not isinstance(data, dict):
         raise LorapipeError(f"{path}: {what} must be a mapping of LLaMA-Factory arguments")
     return data
@@ -442,9 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(train_yaml: str | Path, merge_yaml: str | Path | None = None, dataset_info: str | None = None) -> LFImport:
     imp = LFImport()
-    imp.map_train(read_yaml(train_yaml, "train YAML"), str(train_yaml), dataset_info)
+    imp.map_train(read_arguments(train_yaml, "train YAML"), str(train_yaml), dataset_info)
     if merge_yaml:
-        imp.map_merge(read_yaml(merge_yaml, "merge YAML"), str(merge_yaml))
+        imp.map_merge(read_arguments(merge_yaml, "merge YAML"), str(merge_yaml))
     return imp
 
 

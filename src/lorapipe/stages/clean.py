@@ -54,7 +54,6 @@ from typing import Any, BinaryIO, Iterator
 
 import orjson
 import re2  # google-re2
-import yaml
 
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
@@ -62,6 +61,7 @@ from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
 from lorapipe.core.sharegpt import (INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, dialogue_fingerprints,
                                     normalise_many, plain_turns, plain_turns_many)
+from lorapipe.core.yamlfile import read_yaml
 
 METRICS_JSON = paths.METRICS_DIR / "data.json"
 
@@ -197,12 +197,7 @@ _CHECKS = ("no_content", "min_chars", "full_match", "contains")
 def load_rules(path: str | Path) -> list[Rule]:
     """Parse and compile the rules file; any mistake is an error naming the file and the rule."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LorapipeError(f"{path}: rules file not found (params key data.clean.rules)") from None
-    except yaml.YAMLError as exc:
-        raise LorapipeError(f"{path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, "rules file (params key data.clean.rules)")
     if not isinstance(doc, dict) or not isinstance(doc.get("rules"), list):
         raise LorapipeError(f"{path}: expected a mapping with a 'rules' list")
     reserved = set(READ_REASONS) | set(INVALID_REASONS) | set(FILTER_REASONS)
