@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,12 +61,8 @@ def packaged(tiny_gguf, tmp_path_factory):
     git("init", "-q", cwd=root)
     git("add", "-A", cwd=root)
     git("commit", "-qm", "pipeline", cwd=root)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         assert cli.main(["package"]) == 0
-    finally:
-        os.chdir(cwd)
     return root
 
 
@@ -106,12 +103,8 @@ def test_card_notes_uncommitted_changes(packaged):
     (packaged / "dvc.lock").write_text((packaged / "dvc.lock").read_text() + "\n")  # rewritten by every repro
     (packaged / "metrics" / "eval.json").write_text(json.dumps({**METRICS["eval.json"], "ppl_f16": 13.3}))
     (packaged / "params.yaml").write_text((packaged / "params.yaml").read_text() + "\n# edited\n")
-    cwd = os.getcwd()
-    os.chdir(packaged)
-    try:
+    with contextlib.chdir(packaged):
         assert cli.main(["package"]) == 0
-    finally:
-        os.chdir(cwd)
     card = (packaged / "models/README.md").read_text()
     assert "(with uncommitted changes: `params.yaml`)" in card  # the pipeline's own outputs are not counted
 

@@ -4,6 +4,7 @@ after kill -9 and a 2-process DDP run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -152,12 +153,8 @@ def trained(tiny_model, tmp_path_factory):
     runs = []
     for k in range(2):
         root = _workdir(tmp_path_factory.mktemp(f"train-run{k}"), model, _rows(24), _rows(4))
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
+        with contextlib.chdir(root):
             summary = train.run(_params(eval_steps=2))
-        finally:
-            os.chdir(cwd)
         runs.append((root, summary))
     return runs
 

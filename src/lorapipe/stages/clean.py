@@ -643,15 +643,7 @@ def _plain_row(raw: bytes) -> tuple[dict, tuple[str, ...], list[str]] | None:
     messages of a role and a content each that pass validation. Such a row holds strings only, so
     orjson's value is exact (see _strings_only) and it can be copied to the output as read.
     """
-    try:
-        row = orjson.loads(raw)
-        if row.keys() == ROW_KEYS and type(row["source"]) is str and type(row["origin"]) is str:
-            turns = plain_turns(row["messages"], from_orjson=True)
-            if turns is not None:
-                return row, *turns
-    except (orjson.JSONDecodeError, AttributeError):  # AttributeError: not an object
-        pass
-    return None
+    return _plain_rows([raw])[0]
 
 
 def _plain_rows(lines: list[bytes]) -> list[tuple[dict, tuple[str, ...], list[str]] | None]:
@@ -778,8 +770,7 @@ class _Examiner:
         # Every row's dialogue is user, assistant, ..., so replies are at odd positions throughout.
         suspects = self.rule_scan.suspects(normalised[1::2], ends)
         fingerprints = dialogue_fingerprints(normalised, ends)
-        salt, eval_cut, max_tokens, length = self._salt, self._eval_cut, self.s.max_tokens, self.length
-        blake2b = hashlib.blake2b
+        max_tokens, length = self.s.max_tokens, self.length
         to_count: list[int] = []  # slots of rows whose tokens must be counted
         for k, (slot, lineno, raw, row, roles, contents) in enumerate(plain):
             if k in suspects:
@@ -788,7 +779,7 @@ class _Examiner:
                     examined[slot] = self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, True, None, label, lineno, source)
                     continue
             fp = fingerprints[k]
-            to_eval = int.from_bytes(blake2b(salt + fp, digest_size=8).digest(), "big") < eval_cut
+            to_eval = self._to_eval(fp)
             bound = length.upper_bound_of_line(roles, contents, len(raw), max_tokens)
             rendering = None
             if bound is None or bound > max_tokens:
@@ -799,6 +790,10 @@ class _Examiner:
         if to_count:  # one batched tokenizer call for the rows of this block that the bounds cannot decide
             for slot, n in zip(to_count, length.count([examined[slot][7][1] for slot in to_count])):
                 examined[slot] = (*examined[slot][:7], (*examined[slot][7][:3], n))
+
+    def _to_eval(self, fp: bytes) -> bool:
+        """The row's split side: a salted hash of its fingerprint against eval_fraction."""
+        return int.from_bytes(hashlib.blake2b(self._salt + fp, digest_size=8).digest(), "big") < self._eval_cut
 
     def _rendering(self, messages: list[dict], label: str, lineno: int, count: bool = True) -> tuple:
         """(lower bound, rendered text, None, tokens) of a row the upper bound cannot clear, or
@@ -845,7 +840,7 @@ class _Examiner:
         if broken:
             return self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, strings_only, None, label, lineno, source)
         fp = dialogue_fingerprint(normalised)
-        to_eval = int.from_bytes(hashlib.blake2b(self._salt + fp, digest_size=8).digest(), "big") < self._eval_cut
+        to_eval = self._to_eval(fp)
         bound = self.length.upper_bound_of(roles, contents)
 
         if verbatim:
