@@ -17,8 +17,8 @@ from lorapipe.core.llamacpp_run import run_tool, tool_error
 
 
 def gguf_speed(gguf: str | Path, *, prompt_tokens: int, gen_tokens: int, threads: int, repetitions: int = 3) -> dict:
-    """{'prompt_tok_s', 'decode_tok_s'} of `gguf` from llama-bench (mean of `repetitions` runs after
-    its warm-up run).
+    """{'prompt_tok_s', 'decode_tok_s'} of `gguf` from llama-bench: the best of `repetitions` runs
+    after its warm-up run, the same statistic hf_speed takes (the run least disturbed by other work).
 
     With flash attention on (-fa 1): llama-bench's default is off, but llama-completion and
     llama-server (what `lorapipe chat` / `serve` run) default to "auto", which picks the flash
@@ -33,7 +33,12 @@ def gguf_speed(gguf: str | Path, *, prompt_tokens: int, gen_tokens: int, threads
         tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
     except (ValueError, StopIteration, KeyError, TypeError) as exc:
         raise tool_error(what, res, f"could not read llama-bench's JSON output ({exc})") from None
-    return {"prompt_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"])}
+    return {"prompt_tok_s": _best_rate(pp), "decode_tok_s": _best_rate(tg)}
+
+
+def _best_rate(row: dict) -> float:
+    """The fastest of a llama-bench result's repetitions (its mean when the samples are missing)."""
+    return float(max(row.get("samples_ts") or [row["avg_ts"]]))
 
 
 def hf_speed(model, prompt_ids: list[int], *, gen_tokens: int, repetitions: int = 2) -> dict:
