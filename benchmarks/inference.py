@@ -129,7 +129,7 @@ def main() -> int:
     hf = inference_speed.hf_speed(model, ids, gen_tokens=args.gen_tokens, repetitions=3)
     # float32 weights in memory; tied embeddings counted once, like the GGUF's single token_embd
     hf_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.parameters()}.values())
-    rows.append((f"HF merged (torch f32)", hf_bytes, hf["prompt_tok_s"], hf["decode_tok_s"]))
+    rows.append(("HF merged (torch f32)", hf_bytes, hf["prompt_tok_s"], hf["decode_tok_s"]))
     del model
 
     ggufs = ([args.ref_gguf] if args.ref_gguf.is_file() and args.ref_gguf != args.gguf else []) + [args.gguf]
@@ -153,7 +153,7 @@ def main() -> int:
         bound = bandwidth / nbytes
         print(f"{name:<34} {nbytes / 1e6:>9.1f} {pp:>13.1f} {tg:>13.1f} {bound:>12.1f} {tg / bound:>9.2f}")
 
-    hf_tg, (q_name, q_bytes, _, q_tg) = rows[0][3], rows[-1]
+    hf_tg, (_, q_bytes, _, q_tg) = rows[0][3], rows[-1]
     speedup, of_bound = q_tg / hf_tg, q_tg / (bandwidth / q_bytes)
     print()
     if one is not None:
