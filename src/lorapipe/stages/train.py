@@ -23,7 +23,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import shutil
 import time
