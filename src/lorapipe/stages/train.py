@@ -93,6 +93,20 @@ def lora_targets(model, target: str | list[str]) -> str | list[str]:
     return names
 
 
+def sort_target_modules(config_file: Path) -> None:
+    """Write the adapter config's target_modules sorted.
+
+    peft keeps them as a Python set and saves the set's iteration order, which changes with each
+    process's string hash seed. The same run would then give a different adapter_config.json (and
+    DVC hash) each time. Sorted, the same params and data give a byte-identical adapter folder.
+    The file keeps peft's own format (indent 2, sorted keys).
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def _sha256_file(path: Path, h) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -401,6 +415,7 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
     if main:
         with atomic_path(paths.ADAPTER_DIR, is_dir=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            sort_target_modules(tmp / "adapter_config.json")
             tokenizer.save_pretrained(tmp)  # carries the chat template: the folder describes itself
         write_json(paths.METRICS_DIR / "train.json", metrics)
         # The run finished: its checkpoints only served resuming it.
