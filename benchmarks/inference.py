@@ -63,7 +63,7 @@ def shaped_model(name: str, quant: str) -> tuple[Path, Path, Path]:
     from lorapipe.core import llamacpp
     from lorapipe.core.io import atomic_path
     from lorapipe.stages.convert import convert
-    from lorapipe.stages.quantize import quantize_file
+    from lorapipe.stages.quantize import check_type, quantize_file
 
     config_values, vocab_gguf = SHAPES[name]
     root = Path(os.environ.get("LORAPIPE_CACHE", Path.home() / ".cache" / "lorapipe")) / "bench" / name
@@ -87,7 +87,7 @@ def shaped_model(name: str, quant: str) -> tuple[Path, Path, Path]:
     if not quantized.is_file():
         print(f"quantizing {f16} -> {quantized} ({quant})", flush=True)
         with atomic_path(quantized) as tmp:
-            quantize_file(f16, tmp, quant.upper(), threads=os.cpu_count() or 1)
+            quantize_file(f16, tmp, check_type(quant), threads=os.cpu_count() or 1)
     return hf, f16, quantized
 
 
@@ -140,7 +140,7 @@ def main() -> int:
     one = (inference_speed.gguf_speed(args.gguf, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                                       threads=1, repetitions=3) if args.threads > 1 else None)
 
-    what = args.shape and f"{args.shape} shapes, random weights" or str(args.merged)
+    what = f"{args.shape} shapes, random weights" if args.shape else str(args.merged)
     print(f"\nmodel: {what}")
     print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads used; torch {torch.__version__}")
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s with {args.threads} threads, {bandwidth_1 / 1e9:.2f} GB/s with 1 "

@@ -60,7 +60,7 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
 from lorapipe.core.sharegpt import (INVALID_REASONS, Invalid, checked_turns, dialogue_fingerprint, dialogue_fingerprints,
-                                    normalise_many, plain_turns, plain_turns_many)
+                                    normalise_many, plain_turns_many)
 from lorapipe.core.yamlfile import read_yaml
 
 METRICS_JSON = paths.METRICS_DIR / "data.json"
