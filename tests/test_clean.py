@@ -374,10 +374,12 @@ def test_parallel_workers_write_the_same_bytes_as_one_process(project, monkeypat
     assert outputs[1] == outputs[2]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("system_prompt", [None, "You are kind."])
-def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_prompt):
-    """_Examiner.block examines plain rows together (one normalisation pass, one rule scan per
-    block); each row must get exactly what line() alone gives it (bar a looser, still valid bound)."""
+def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_prompt, native):
+    """_Examiner.block examines plain rows together (the native scanner or one normalisation pass,
+    one rule scan per block); each row must get exactly what line() alone gives it (bar a looser,
+    still valid bound)."""
     replies = [r for rs in FILTERED.values() for r in rs] + KEPT + ["Ｆｕｌｌ　ｗｉｄｔｈ，ok", "tab\tand  spaces ", "ß straße",
                                                             # refusals far longer than the pattern, by their punctuation
                                                             "我不能回答。" + "！" * 300, "I cannot help with that" + "." * 300]
@@ -389,20 +391,21 @@ def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_p
     lines = [json.dumps(r, ensure_ascii=i % 2 == 0).encode() for i, r in enumerate(rows)]
     lines[5] = b"{truncated"
     lines[9] = json.dumps({"messages": rows[9]["messages"], "source": "s", "origin": "o", "extra": 1}).encode()
-    settings = clean.Settings(system_prompt=system_prompt)
+    settings = clean.Settings(system_prompt=system_prompt, native=native)
     examiner = clean._Examiner(settings, length, rules)
     examined_together = []
     examine_plain = examiner._examine_plain
-    examiner._examine_plain = lambda label, source, plain, out: (examined_together.extend(plain), examine_plain(label, source, plain, out))
+    examiner._examine_plain = lambda label, source, native_rows, python_rows, out: (
+        examined_together.extend(native_rows + python_rows), examine_plain(label, source, native_rows, python_rows, out))
     together = examiner.block("f.jsonl", "f", 1, b"\n".join(lines) + b"\n")
     assert len(examined_together) >= (10 if system_prompt else len(lines) - 3)  # rows with a system turn / all plain rows
     alone = [examiner.line("f.jsonl", "f", n, raw) for n, raw in enumerate(lines, 1)]
     assert len(together) == len(alone) == len(lines)
     assert {a[1] for a in alone} >= {"refusal", "harmful", "empty_reply", "too_short", "invalid_json", None}
-    for t, a in zip(together, alone):
+    for t, a, raw in zip(together, alone, lines):
         if a[1] is None:  # a candidate: all but the bound equal; both bounds hold
             assert t[:4] + t[5:] == a[:4] + a[5:]
-            n = length.count([length.render(examiner.messages_of(a[5]))])[0]
+            n = length.count([length.render(examiner.messages_of(raw))])[0]
             assert n <= a[4] <= t[4]
         else:
             assert t == a

@@ -52,10 +52,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 import orjson
 import re2  # google-re2
 
-from lorapipe.core import paths
+from lorapipe.core import paths, rowscan
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, dump_jsonl_line, write_json
 from lorapipe.core.log import info, progress
@@ -155,11 +156,12 @@ class Rule:
     def _triggered(self, joined: str) -> bool:
         return any(map(joined.__contains__, self._ascii_trigger if joined.isascii() else self.trigger))
 
-    def matches(self, replies: list[str], joined: str) -> str | None:
+    def matches(self, replies: list[str], joined: str, triggered: bool = False) -> str | None:
         """The first of the (normalised) replies this rule rejects, or None.
 
         `joined` is the replies joined by a newline (normalised text has none), so one substring
-        search per trigger literal covers them all.
+        search per trigger literal covers them all; triggered: a literal is known to occur (the
+        search is skipped, and `joined` not used).
         """
         if self.no_content:
             for r in replies:
@@ -171,7 +173,7 @@ class Rule:
                 if len(r) - r.count(" ") < self.min_chars:
                     return r
             return None
-        if self.trigger is not None and not self._triggered(joined):
+        if self.trigger is not None and not triggered and not self._triggered(joined):
             return None
         if self.full_match is not None:
             # The pattern must match the whole reply from its first to its last letter or digit.
@@ -188,6 +190,9 @@ class Rule:
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # CJK ideographs (incl. ext. A, compatibility)
+_IDEOGRAPHS = np.zeros(0x10000, dtype=bool)  # the same set, as a lookup table over the BMP
+for _first, _last in ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)):
+    _IDEOGRAPHS[_first:_last + 1] = True
 # Unicode White_Space, the set a tokenizer regex's \s means (str.split also splits at \x1c-\x1f).
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 _WORD_GAP = re.compile(f"[{_WHITE_SPACE}]+")
@@ -247,11 +252,15 @@ def load_rules(path: str | Path) -> list[Rule]:
     return rules
 
 
-def first_broken_rule(rules: list[Rule], replies: list[str]) -> tuple[str, str] | None:
-    """(rule name, offending reply) for the first rule that rejects any normalised reply, else None."""
-    joined = replies[0] if len(replies) == 1 else "\n".join(replies)
+def first_broken_rule(rules: list[Rule], replies: list[str], triggered: bool = False) -> tuple[str, str] | None:
+    """(rule name, offending reply) for the first rule that rejects any normalised reply, else None.
+
+    triggered: the caller (RuleScan) found a trigger literal of each pattern rule in `rules` in
+    these replies already, so Rule.matches need not search for them again.
+    """
+    joined = "" if triggered else replies[0] if len(replies) == 1 else "\n".join(replies)
     for rule in rules:
-        reply = rule.matches(replies, joined)
+        reply = rule.matches(replies, joined, triggered)
         if reply is not None:
             return rule.name, reply
     return None
@@ -447,19 +456,25 @@ class ChatLength:
             size = sum(map(self._size, contents))
         return overhead + size + 4 * len(contents) + 8
 
-    def upper_bound_of_line(self, roles: tuple[str, ...], contents: list[str], line_bytes: int, limit: int) -> int | None:
-        """upper_bound_of(roles, contents), or a looser bound found without measuring the contents
-        when that one is already <= limit. The contents come from one JSON line of line_bytes bytes,
-        and a JSON string is never shorter than its text in UTF-8 (escapes only lengthen it), so
-        together they hold at most line_bytes bytes. Only without a normalizer (which may lengthen)."""
-        if self._normalizer is None:
-            overhead = self._overhead(roles)
-            if overhead is None:
-                return None
-            loose = overhead + line_bytes + 4 * len(contents) + 8
-            if loose <= limit:
-                return loose
-        return self.upper_bound_of(roles, contents)
+    def overheads_for_loose_bound(self) -> dict[tuple[str, ...], int | None] | None:
+        """The cache of _overhead() per role sequence, or None when loose_bound() never applies
+        (a normalizer): a hot loop can inline loose_bound() with it."""
+        return None if self._normalizer is not None else self._overheads
+
+    def loose_bound(self, roles: tuple[str, ...], line_bytes: int, limit: int) -> int | None:
+        """A looser upper_bound() found without the contents, when it is <= limit; else None.
+
+        The contents come from one JSON line of line_bytes bytes, and a JSON string is never
+        shorter than its text in UTF-8 (escapes only lengthen it), so together they hold at most
+        line_bytes bytes. Only without a normalizer (which may lengthen the text).
+        """
+        if self._normalizer is not None:
+            return None
+        overhead = self._overhead(roles)
+        if overhead is None:
+            return None
+        loose = overhead + line_bytes + 4 * len(roles) + 8
+        return loose if loose <= limit else None
 
     def lower_bound(self, text: str) -> int:
         """A number of tokens the rendered `text` has at least, found without tokenizing it.
@@ -475,10 +490,14 @@ class ChatLength:
         """
         n = 0
         if not text.isascii():
-            ideographs = len(_CJK.findall(text))
+            # Counted over the code points as a numpy array: a regex findall makes a string per
+            # ideograph, ~30x slower on the long Chinese rows that get here.
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+            is_ideograph = _IDEOGRAPHS[np.minimum(codes, 0xFFFF)]  # (U+FFFF is none)
+            ideographs = int(np.count_nonzero(is_ideograph))
             if ideographs:
-                k, shared = self.cjk_profile()
-                in_shared = len(shared.findall(text)) if shared is not None else 0
+                k, _ = self.cjk_profile()
+                in_shared = int(np.count_nonzero(self._shared_ideographs[codes[is_ideograph]]))
                 n = ideographs - in_shared + -(-in_shared // k)
         if self._splits_words:
             if not any(map(text.__contains__, "\x1c\x1d\x1e\x1f")):
@@ -501,6 +520,8 @@ class ChatLength:
                     most = max(most, len(ideographs))
                     shared.update(ideographs)
             self._cjk_profile = (most, re.compile("[" + "".join(sorted(shared)) + "]") if shared else None)
+            self._shared_ideographs = np.zeros(0x10000, dtype=bool)  # the same set, for lower_bound
+            self._shared_ideographs[[ord(ch) for ch in shared]] = True
         return self._cjk_profile
 
     def count(self, texts: list[str]) -> list[int]:
@@ -518,13 +539,15 @@ class Settings:
     system_prompt: str | None = None
     eval_fraction: float = 0.05
     salt: str = "lorapipe"
-    batch_size: int = 2048        # rows examined per tokenizer batch
     # Render and tokenize every n-th row that the size bound let through, to check the bound at run
     # time; 1 = count every row (slow, exact counts for all).
     bound_check_every: int = 997
     # Processes examining rows in parallel; None = one per CPU when the input is large enough to
     # pay for starting them (worker_count). The output does not depend on it.
     workers: int | None = None
+    # Read plain rows with the native scanner (core.rowscan); False: in Python only (same output,
+    # for tests that compare the two).
+    native: bool = True
 
 
 @dataclass
@@ -703,8 +726,10 @@ def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: 
 # What _Examiner returns for each non-blank line, in input order. Plain tuples: they are built for
 # every row and, with worker processes, pickled back to the parent, where a tuple is the cheapest.
 #   rejected here:  (lineno, reason, detail, record line)
-#   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, raw line, kept line or None
+#   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, kept line or None
 #                    (= the raw line as is), rendering or None)
+# The raw line itself is not in the tuple: with worker processes these tuples travel back to the
+# parent, which has the line already (it read the block) and pairs them up with _numbered().
 #   rendering (for rows the upper bound cannot clear): (lower bound, rendered text, None, tokens or
 #                    None when the lower bound shows the row too long) or (None, None, error message,
 #                    None) when the template cannot render the row.
@@ -729,67 +754,101 @@ class _Examiner:
     def block(self, label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
         """Examine the lines of a block of whole lines of a file, its first line numbered first_lineno.
 
-        Rows exactly as ingest writes them (nearly all) are examined together by _examine_plain;
-        any other line alone, by line().
+        Rows exactly as ingest writes them (nearly all) are examined together by _examine_plain:
+        most are read by the native scanner (core.rowscan), the rest that are plain by
+        _plain_rows; any other line alone, by line(). Returns one tuple per row of
+        _numbered(block, first_lineno), in order (layout above _Examiner).
         """
-        lines = block.split(b"\n")
-        if first_lineno == 1 and lines[0].startswith(_BOM):
-            lines[0] = lines[0][3:]
-        if b"\r" in block:
-            lines = [raw.rstrip(b"\r\n") for raw in lines]  # CRLF line ends
-        # Blank lines hold no row: not read, not counted.
-        numbered = [(first_lineno + offset, raw) for offset, raw in enumerate(lines) if raw and not raw.isspace()]
+        return self.rows(label, source, _numbered(block, first_lineno))
+
+    def rows(self, label: str, source: str, numbered: list[tuple[int, bytes]]) -> list[tuple]:
+        """block() for the (line number, line) pairs of a block, as _numbered() gives them."""
+        raws = [raw for _, raw in numbered]
+        scanned = rowscan.scan(raws, self._salt, self._eval_cut) if self.s.native else [None] * len(raws)
+        given_back = [k for k, found in enumerate(scanned) if found is None]
+        python_plain = dict(zip(given_back, _plain_rows([raws[k] for k in given_back]))) if given_back else {}
         needs_system = bool(self.s.system_prompt)
-        examined: list = []
-        plain: list[tuple] = []  # (slot in examined, lineno, raw, row, roles, contents)
-        for (lineno, raw), row in zip(numbered, _plain_rows([raw for _, raw in numbered])):
-            if row is not None and not (needs_system and row[1][0] != "system"):
-                plain.append((len(examined), lineno, raw, *row))
-                examined.append(None)
+        examined: list = [None] * len(numbered)
+        native: list[tuple] = []  # (slot in examined, lineno, raw, roles, replies, fingerprint, to_eval)
+        python: list[tuple] = []  # (slot in examined, lineno, raw, row, roles, contents)
+        for k, ((lineno, raw), found) in enumerate(zip(numbered, scanned)):
+            if found is not None:
+                if not (needs_system and found[0][0] != "system"):
+                    native.append((k, lineno, raw, *found))
+                    continue
+                plain = None  # known plain, but gets the system prompt: line() does that
             else:
-                examined.append(self.line(label, source, lineno, raw, row))
-        if plain:
-            self._examine_plain(label, source, plain, examined)
+                plain = python_plain[k]
+                if plain is not None and not (needs_system and plain[1][0] != "system"):
+                    python.append((k, lineno, raw, *plain))
+                    continue
+            examined[k] = self.line(label, source, lineno, raw, _NOT_CHECKED if found is not None else plain)
+        if native or python:
+            self._examine_plain(label, source, native, python, examined)
         return examined
 
-    def _examine_plain(self, label: str, source: str, plain: list[tuple], examined: list) -> None:
+    def _examine_plain(self, label: str, source: str, native: list[tuple], python: list[tuple], examined: list) -> None:
         """line() for many plain rows (see _plain_row) at once, into their slots of `examined`.
 
-        The same decisions as line(), with the per-row costs paid once per block: one
-        normalisation pass over the texts of all rows, one scan of all replies for what the reply
-        rules look for (only rows where something is found run the rules), and a token bound from
-        the line's byte length.
+        `native` rows come from the native scanner with their replies normalised, their
+        fingerprint and split side found; `python` rows get the same here, with one normalisation
+        pass over the texts of all of them. Then, for all: one scan of all replies for what the
+        reply rules look for (only rows where something is found run the rules), and a token
+        bound from the line's byte length. The same decisions as line().
         """
         texts: list[str] = []
-        ends: list[int] = []  # where each row's dialogue texts end in `texts`
-        for item in plain:
+        ends: list[int] = []  # where each python row's dialogue texts end in `texts`
+        for item in python:
             contents = item[5]
             texts += contents[1:] if item[4][0] == "system" else contents
             ends.append(len(texts))
-        normalised = normalise_many(texts)
-        # Every row's dialogue is user, assistant, ..., so replies are at odd positions throughout.
-        suspects = self.rule_scan.suspects(normalised[1::2], ends)
-        fingerprints = dialogue_fingerprints(normalised, ends)
+        normalised = normalise_many(texts) if texts else []
+        # items: (slot, lineno, raw, roles, replies, fingerprint, to_eval, row or None, contents or None)
+        items = native
+        if python:
+            items = [(*item, None, None) for item in native]
+            start = 0
+            for item, end, fp in zip(python, ends, dialogue_fingerprints(normalised, ends)):
+                slot, lineno, raw, row, roles, contents = item
+                items.append((slot, lineno, raw, roles, normalised[start + 1:end:2], fp, self._to_eval(fp), row, contents))
+                start = end
+        all_replies: list[str] = []
+        reply_ends: list[int] = []  # in dialogue turns, as RuleScan.suspects wants them
+        for item in items:
+            all_replies += item[4]
+            reply_ends.append(2 * len(all_replies))
+        suspects = self.rule_scan.suspects(all_replies, reply_ends)
         max_tokens, length = self.s.max_tokens, self.length
+        # The loose bound (ChatLength.loose_bound), inlined: it is computed for nearly every row.
+        overheads = length.overheads_for_loose_bound()
         to_count: list[int] = []  # slots of rows whose tokens must be counted
-        for k, (slot, lineno, raw, row, roles, contents) in enumerate(plain):
-            if k in suspects:
-                broken = first_broken_rule(suspects[k], normalised[(ends[k - 1] if k else 0) + 1:ends[k]:2])
+        for k, item in enumerate(items):
+            slot, lineno, raw, roles = item[:4]
+            if suspects and k in suspects:
+                broken = first_broken_rule(suspects[k], item[4], triggered=True)
                 if broken:
+                    row = item[7] if len(item) > 7 and item[7] is not None else orjson.loads(raw)  # a plain row: orjson's value is exact
                     examined[slot] = self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, True, None, label, lineno, source)
                     continue
-            fp = fingerprints[k]
-            to_eval = self._to_eval(fp)
-            bound = length.upper_bound_of_line(roles, contents, len(raw), max_tokens)
+            overhead = overheads.get(roles) if overheads is not None else None
+            bound = None if overhead is None else overhead + len(raw) + 4 * len(roles) + 8
             rendering = None
             if bound is None or bound > max_tokens:
-                rendering = self._rendering(row["messages"], label, lineno, count=False)
-                if rendering[0] is not None and rendering[0] <= max_tokens:
-                    to_count.append(slot)
-            examined[slot] = (lineno, None, fp, to_eval, bound, raw, None, rendering)
+                bound = length.loose_bound(roles, len(raw), max_tokens)  # (fills `overheads` for new role sequences)
+            if bound is None:
+                row, contents = (item[7], item[8]) if len(item) > 7 and item[7] is not None else (None, None)
+                if row is None:
+                    row = orjson.loads(raw)
+                    contents = [m["content"] for m in row["messages"]]
+                bound = length.upper_bound_of(roles, contents)
+                if bound is None or bound > max_tokens:
+                    rendering = self._rendering(row["messages"], label, lineno, count=False)
+                    if rendering[0] is not None and rendering[0] <= max_tokens:
+                        to_count.append(slot)
+            examined[slot] = (lineno, None, item[5], item[6], bound, None, rendering)
         if to_count:  # one batched tokenizer call for the rows of this block that the bounds cannot decide
-            for slot, n in zip(to_count, length.count([examined[slot][7][1] for slot in to_count])):
-                examined[slot] = (*examined[slot][:7], (*examined[slot][7][:3], n))
+            for slot, n in zip(to_count, length.count([examined[slot][6][1] for slot in to_count])):
+                examined[slot] = (*examined[slot][:6], (*examined[slot][6][:3], n))
 
     def _to_eval(self, fp: bytes) -> bool:
         """The row's split side: a salted hash of its fingerprint against eval_fraction."""
@@ -852,11 +911,11 @@ class _Examiner:
                 "source": row["source"] if isinstance(row.get("source"), str) else source,
                 "origin": row.get("origin") or f"{label}:{lineno}",
                 **extra,
-            }, strings_only)
+            }, strings_only)[:-1]  # without its line end, like the raw lines kept as read
         rendering = None
         if bound is None or bound > self.s.max_tokens:  # the parent will have to count its tokens
             rendering = self._rendering(messages, label, lineno)
-        return (lineno, None, fp, to_eval, bound, raw, kept_line, rendering)
+        return (lineno, None, fp, to_eval, bound, kept_line, rendering)
 
     def _rejected(self, reason: str, detail: str, row: Any, strings_only: bool, text: str | None, label: str, lineno: int, source: str) -> tuple:
         record = _reject_record(reason, detail, row, text, label, lineno, source)
@@ -870,21 +929,35 @@ class _Examiner:
         return messages
 
 
-def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
-    """(number of its first line, block) for consecutive blocks of ~size bytes of whole lines."""
-    lineno = 1
+def _blocks(path: Path, size: int) -> Iterator[tuple[int, int, bytes]]:
+    """(number of its first line, byte offset, block) for consecutive blocks of ~size bytes of
+    whole lines."""
+    lineno, offset = 1, 0
     with open(path, "rb") as f:
         while block := f.read(size):
             if not block.endswith(b"\n"):
                 block += f.readline()  # complete the last line
-            yield lineno, block
+            yield lineno, offset, block
             lineno += block.count(b"\n")
+            offset += len(block)
+
+
+def _numbered(block: bytes, first_lineno: int) -> list[tuple[int, bytes]]:
+    """(line number, line) of each line of a block that holds a row: without the line end (LF or
+    CRLF) and, in the file's first line, a UTF-8 BOM. Blank lines hold no row: not read, not counted."""
+    lines = block.split(b"\n")
+    if first_lineno == 1 and lines[0].startswith(_BOM):
+        lines[0] = lines[0][3:]
+    if b"\r" in block:
+        lines = [raw.rstrip(b"\r\n") for raw in lines]  # CRLF line ends
+    return [(first_lineno + offset, raw) for offset, raw in enumerate(lines) if raw and not raw.isspace()]
 
 
 # --------------------------------------------------------------------------- worker processes
 _BLOCK_BYTES = 1 << 20  # raw bytes per unit of work: ~1,000-5,000 rows, a few ms to hand over
 _PARALLEL_MIN_BYTES = 8 << 20  # below this, starting workers costs more than it saves
 _worker_examiner: _Examiner | None = None  # in a worker process: its copy of the parent's examiner
+_worker_files: dict[str, BinaryIO] = {}  # in a worker process: the input files it has open
 
 
 def _init_worker(examiner: _Examiner) -> None:
@@ -892,7 +965,13 @@ def _init_worker(examiner: _Examiner) -> None:
     _worker_examiner = examiner
 
 
-def _examine_block_in_worker(label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
+def _examine_block_in_worker(label: str, source: str, path: str, offset: int, size: int, first_lineno: int) -> list[tuple]:
+    """The worker reads the block from the file itself (the page cache has it: the parent just read
+    it), so no block is sent through a pipe; only the small examined tuples travel back."""
+    f = _worker_files.get(path)
+    if f is None:
+        f = _worker_files[path] = open(path, "rb")
+    block = os.pread(f.fileno(), size, offset)
     return _worker_examiner.block(label, source, first_lineno, block)
 
 
@@ -957,6 +1036,8 @@ class _ExaminerPool:
 
     def __init__(self, examiner: _Examiner, workers: int):
         examiner.length.cjk_profile()  # compute once here, not once per worker
+        if examiner.s.native:
+            rowscan.normalisation_table()  # (likewise)
         self.workers = workers
         gc.freeze()
         try:
@@ -965,14 +1046,18 @@ class _ExaminerPool:
             gc.unfreeze()
             raise
 
-    def examined(self, label: str, source: str, path: Path) -> Iterator[tuple]:
+    def examined(self, label: str, source: str, path: Path) -> Iterator[tuple[int, bytes, list[tuple]]]:
+        """(first line number, block, examined rows of the block) for each block, in file order."""
         pending: deque = deque()
-        for first_lineno, block in _blocks(path, _BLOCK_BYTES):
-            pending.append(self.pool.apply_async(_examine_block_in_worker, (label, source, first_lineno, block)))
+        for first_lineno, offset, block in _blocks(path, _BLOCK_BYTES):
+            args = (label, source, str(path), offset, len(block), first_lineno)
+            pending.append((first_lineno, block, self.pool.apply_async(_examine_block_in_worker, args)))
             if len(pending) >= 2 * self.workers:
-                yield from pending.popleft().get()
+                first, done, result = pending.popleft()
+                yield first, done, result.get()
         while pending:
-            yield from pending.popleft().get()
+            first, done, result = pending.popleft()
+            yield first, done, result.get()
 
     def close(self) -> None:
         self.pool.terminate()
@@ -984,9 +1069,9 @@ class _ExaminerPool:
 class Cleaner:
     """The clean stage's core: stream raw files into train / eval / rejects and count everything.
 
-    Rows are examined (by _Examiner, maybe in workers) and then decided here, in input order and in
-    batches of settings.batch_size rows: dedupe against the rows kept so far, token counting of the
-    rows the bounds cannot decide (one batched tokenizer call), writing.
+    Rows are examined (by _Examiner, maybe in workers) and then decided here, in input order, a
+    block at a time: dedupe against the rows kept so far, token counting of the rows the bounds
+    cannot decide (one batched tokenizer call), writing.
     """
 
     def __init__(self, settings: Settings, length: ChatLength, rules: list[Rule]):
@@ -1006,28 +1091,26 @@ class Cleaner:
         source = path.stem
         counts = self.report.sources.setdefault(source, Counts())
         if pool is None:
-            examined = chain.from_iterable(self.examiner.block(label, source, first, block) for first, block in _blocks(path, _BLOCK_BYTES))
+            blocks = ((first, block, None) for first, _, block in _blocks(path, _BLOCK_BYTES))
         else:
-            examined = pool.examined(label, source, path)
+            blocks = pool.examined(label, source, path)
         if show_progress:
-            examined = progress(examined, desc=f"clean {path.name}", unit="row")
-        batch: list[tuple] = []
-        for item in examined:
-            batch.append(item)
-            if len(batch) >= self.s.batch_size:
-                self._decide(batch, out, label, file_index, source, counts)
-                batch = []
-        self._decide(batch, out, label, file_index, source, counts)
+            blocks = progress(blocks, desc=f"clean {path.name}", unit="MB", total=-(-path.stat().st_size // _BLOCK_BYTES))
+        for first_lineno, block, examined in blocks:
+            numbered = _numbered(block, first_lineno)
+            if examined is None:
+                examined = self.examiner.rows(label, source, numbered)
+            self._decide(examined, [raw for _, raw in numbered], out, label, file_index, source, counts)
 
     def metrics(self) -> dict:
         return self.report.metrics()
 
-    def _decide(self, batch: list[tuple], out: Outputs, label: str, file_index: int, source: str, counts: Counts) -> None:
+    def _decide(self, batch: list[tuple], raws: list[bytes], out: Outputs, label: str, file_index: int, source: str, counts: Counts) -> None:
         """Decide a batch of examined rows in input order: dedupe, count tokens where needed, write.
 
-        Items are _Examiner's tuples (layout above _Examiner): item[1] is the reason of a row it
-        rejected, else None; a candidate's fields are fingerprint [2], to_eval [3], upper bound [4],
-        raw line [5], kept line [6], rendering [7].
+        Items are _Examiner's tuples (layout above _Examiner), raws[i] the line of batch[i]:
+        item[1] is the reason of a row it rejected, else None; a candidate's fields are
+        fingerprint [2], to_eval [3], upper bound [4], kept line [5], rendering [6].
         """
         s, seen = self.s, self._seen
         if s.strict:  # the first unreadable or invalid row of the batch stops the stage
@@ -1041,14 +1124,15 @@ class Cleaner:
         to_count: list[int] = []
         max_tokens, every, since_check = s.max_tokens, s.bound_check_every, self._since_check
         for i, item in enumerate(batch):
-            if item[1] is not None or item[2] in seen:
+            if item[1] is not None:
                 continue
             bound = item[4]
             if bound is None or bound > max_tokens:
-                to_count.append(i)
+                if item[2] not in seen:
+                    to_count.append(i)
             else:
                 since_check += 1
-                if since_check >= every:
+                if since_check >= every and item[2] not in seen:
                     since_check = 0
                     to_count.append(i)
         # Rows certainly too long by the floor are not tokenized either (bar the sampled checks).
@@ -1056,9 +1140,9 @@ class Cleaner:
         exact: list[tuple[int, str]] = []
         tokens: dict[int, int] = {}  # rows counted by the examiner, and below
         for i in to_count:
-            rendering = batch[i][7]
+            rendering = batch[i][6]
             if rendering is None:  # a sampled row the bound cleared: rendered only now
-                exact.append((i, self._render(batch[i], label)))
+                exact.append((i, self._render(batch[i][0], raws[i], label)))
                 continue
             if rendering[2] is not None:
                 raise LorapipeError(rendering[2])
@@ -1075,10 +1159,10 @@ class Cleaner:
                 exact.append((i, rendering[1]))
         self._since_check = since_check
         # Rows tokenized: here, and by the examiner (also those found duplicates here since).
-        self.report.token_counted += len(exact) + sum([1 for item in batch if item[1] is None and item[7] is not None and item[7][3] is not None])
+        self.report.token_counted += len(exact) + sum([1 for item in batch if item[1] is None and item[6] is not None and item[6][3] is not None])
         tokens.update((i, n) for (i, _), n in zip(exact, self.length.count([t for _, t in exact])))
         for i, n in tokens.items():
-            bound, floor = batch[i][4], floors.get(i, batch[i][7][0] if batch[i][7] else None)
+            bound, floor = batch[i][4], floors.get(i, batch[i][6][0] if batch[i][6] else None)
             if (bound is not None and n > bound) or (floor is not None and n < floor):
                 raise RuntimeError(f"{label}:{batch[i][0]}: {n} tokens, outside the bounds [{floor}, {bound}]: "
                                    "the length shortcut does not hold for this tokenizer/template")
@@ -1086,9 +1170,10 @@ class Cleaner:
 
         # Lines are gathered and written once per batch; counts are added up once per batch.
         dropped, files = self.report.dropped, self._files
-        train: list[bytes] = []
+        train: list[bytes] = []  # kept lines, without their line end
         evals: list[bytes] = []
-        rejects: list[bytes] = []
+        rejects: list[bytes] = []  # reject records, with their line end
+        line_base = file_index << 32
         for i, item in enumerate(batch):
             reason = item[1]
             if reason is not None:  # rejected by the examiner: its record is made already
@@ -1096,7 +1181,7 @@ class Cleaner:
                 dropped[reason] += 1
                 continue
             fp = item[2]
-            if i in too_long:
+            if too_long and i in too_long:
                 n = tokens.get(i)
                 reason, detail = ("too_long", f"{n} tokens > max_tokens {max_tokens}" if n is not None and n > max_tokens
                                   else f"at least {floors[i]} tokens > max_tokens {max_tokens}")
@@ -1104,15 +1189,19 @@ class Cleaner:
                 kept = seen[fp]
                 reason, detail = "duplicate", f"same user+assistant text as {files[kept >> 32]}:{kept & 0xFFFFFFFF}"
             else:
-                seen[fp] = file_index << 32 | item[0]
-                (evals if item[3] else train).append(item[6] or item[5] + b"\n")
+                seen[fp] = line_base | item[0]
+                (evals if item[3] else train).append(item[5] or raws[i])
                 continue
-            lineno, raw = item[0], item[5]
-            row, strings_only, _ = parse_line(raw)  # parsed again only for this reject record
-            rejects.append(_dump_line(_reject_record(reason, detail, row, None, label, lineno, source), strings_only))
+            if item[5] is None:  # a plain row (copied as read): strings only, so orjson's value is exact
+                row, strings_only = orjson.loads(raws[i]), True
+            else:
+                row, strings_only, _ = parse_line(raws[i])  # parsed again only for this reject record
+            rejects.append(_dump_line(_reject_record(reason, detail, row, None, label, item[0], source), strings_only))
             dropped[reason] += 1
-        out.train.write(b"".join(train))
-        out.eval.write(b"".join(evals))
+        if train:
+            out.train.write(b"\n".join(train) + b"\n")
+        if evals:
+            out.eval.write(b"\n".join(evals) + b"\n")
         out.rejects.write(b"".join(rejects))
         for c in (counts, self.report.total):
             c.read += len(batch)
@@ -1120,11 +1209,11 @@ class Cleaner:
             c.eval += len(evals)
             c.rejected += len(rejects)
 
-    def _render(self, item: tuple, label: str) -> str:
+    def _render(self, lineno: int, raw: bytes, label: str) -> str:
         try:
-            return self.length.render(self.examiner.messages_of(item[5]))
+            return self.length.render(self.examiner.messages_of(raw))
         except Exception as exc:  # e.g. a template that raises on a system turn (jinja's raise_exception)
-            raise LorapipeError(f"{label}:{item[0]}: the base model's chat template cannot render this row: {exc}") from None
+            raise LorapipeError(f"{label}:{lineno}: the base model's chat template cannot render this row: {exc}") from None
 
 
 def clean_files(files: list[Path], out: Outputs, settings: Settings, length: ChatLength, rules: list[Rule], show_progress: bool = True) -> dict:
@@ -1135,13 +1224,20 @@ def clean_files(files: list[Path], out: Outputs, settings: Settings, length: Cha
     """
     cleaner = Cleaner(settings, length, rules)
     workers = worker_count(settings, files)
-    pool = _ExaminerPool(cleaner.examiner, workers) if workers > 1 else None
+    # The stage makes a few short-lived tuples and lists per row, none in a reference cycle:
+    # garbage collection every 700 of them (the default) costs ~10% of its CPU and frees nothing.
+    # Rarer here (workers inherit it); the default is back afterwards.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    pool = None
     try:
+        pool = _ExaminerPool(cleaner.examiner, workers) if workers > 1 else None
         for path in files:
             cleaner.clean_file(path, out, pool, show_progress=show_progress)
     finally:
         if pool is not None:
             pool.close()
+        gc.set_threshold(*thresholds)
     return cleaner.metrics()
 
 
