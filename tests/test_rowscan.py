@@ -62,6 +62,19 @@ def test_scanner_is_built():
     assert rowscan.available()
 
 
+def test_a_scanner_built_from_another_source_is_refused(monkeypatch):
+    import types
+
+    from lorapipe.core.errors import LorapipeError
+
+    stale = types.SimpleNamespace(VERSION=rowscan.SCANNER_VERSION - 1, __file__="_rowscan.so", scan=rowscan._rowscan.scan)
+    monkeypatch.setattr(rowscan, "_rowscan", stale)
+    with pytest.raises(LorapipeError, match="built from another version of _rowscan.c.*make setup"):
+        rowscan.scan([line("a", "b")], SALT, CUT)
+    monkeypatch.setattr(rowscan, "_rowscan", None)  # not built at all: every line goes the Python path
+    assert rowscan.scan([line("a", "b")], SALT, CUT) == [None]
+
+
 def test_table_maps_each_code_point_as_normalise_does():
     table = array("I")
     table.frombytes(rowscan.normalisation_table())

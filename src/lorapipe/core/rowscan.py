@@ -21,6 +21,11 @@ import unicodedata
 from array import array
 from functools import cache
 
+from lorapipe.core.errors import LorapipeError
+
+# The _rowscan.c this module is written for (its VERSION): bumped together on any change there.
+SCANNER_VERSION = 1
+
 try:
     from lorapipe.core import _rowscan
 except ImportError:  # not compiled (a source tree without `pip install -e .`): the Python path only
@@ -34,7 +39,13 @@ WHITESPACE = 0x80000000
 
 
 def available() -> bool:
-    return _rowscan is not None
+    """True when the scanner is compiled; an error when it was compiled from another source."""
+    if _rowscan is None:
+        return False
+    if getattr(_rowscan, "VERSION", None) != SCANNER_VERSION:
+        raise LorapipeError(f"{_rowscan.__file__} was built from another version of _rowscan.c "
+                            f"({getattr(_rowscan, 'VERSION', None)}, this code needs {SCANNER_VERSION}): run `make setup` to rebuild it")
+    return True
 
 
 @cache
@@ -84,7 +95,7 @@ def scan(lines: list[bytes], salt: bytes, eval_cut: int) -> list[tuple[tuple[str
 
     to_eval is blake2b(salt + fingerprint, digest_size=8) read big-endian < eval_cut (>= 0).
     """
-    if _rowscan is None:
+    if not available():
         return [None] * len(lines)
     if eval_cut < 0:
         raise ValueError(f"eval_cut must not be negative, got {eval_cut}")

@@ -525,9 +525,13 @@ class ChatLength:
         return self._cjk_profile
 
     def count(self, texts: list[str]) -> list[int]:
-        """Token counts, one batched call into the Rust tokenizer (parallel across cores)."""
-        if not texts:
-            return []
+        """Token counts, one batched call into the Rust tokenizer (parallel across cores).
+
+        A few texts are encoded one by one: waking the tokenizer's thread pool costs more than it
+        saves for them (the clean stage mostly counts one or two rows per block)."""
+        if len(texts) < 8:
+            encode = self._tokenizer.backend_tokenizer.encode
+            return [len(encode(t, add_special_tokens=False)) for t in texts]
         return [len(e) for e in self._encode_batch(texts, add_special_tokens=False)]
 
 
@@ -750,6 +754,9 @@ class _Examiner:
         self.rule_scan = RuleScan(rules)
         self._salt = settings.salt.encode("utf-8") + b"\x00"
         self._eval_cut = int(settings.eval_fraction * 2**64)
+        self.native = settings.native and rowscan.available()
+        if self.native:
+            rowscan.normalisation_table()  # made once (~0.2 s), and before any worker is forked
 
     def block(self, label: str, source: str, first_lineno: int, block: bytes) -> list[tuple]:
         """Examine the lines of a block of whole lines of a file, its first line numbered first_lineno.
@@ -759,12 +766,12 @@ class _Examiner:
         _plain_rows; any other line alone, by line(). Returns one tuple per row of
         _numbered(block, first_lineno), in order (layout above _Examiner).
         """
-        return self.rows(label, source, _numbered(block, first_lineno))
+        return self.rows(label, source, _numbered(block, first_lineno)[0])
 
     def rows(self, label: str, source: str, numbered: list[tuple[int, bytes]]) -> list[tuple]:
         """block() for the (line number, line) pairs of a block, as _numbered() gives them."""
         raws = [raw for _, raw in numbered]
-        scanned = rowscan.scan(raws, self._salt, self._eval_cut) if self.s.native else [None] * len(raws)
+        scanned = rowscan.scan(raws, self._salt, self._eval_cut) if self.native else [None] * len(raws)
         given_back = [k for k, found in enumerate(scanned) if found is None]
         python_plain = dict(zip(given_back, _plain_rows([raws[k] for k in given_back]))) if given_back else {}
         needs_system = bool(self.s.system_prompt)
@@ -929,28 +936,28 @@ class _Examiner:
         return messages
 
 
-def _blocks(path: Path, size: int) -> Iterator[tuple[int, int, bytes]]:
-    """(number of its first line, byte offset, block) for consecutive blocks of ~size bytes of
-    whole lines."""
-    lineno, offset = 1, 0
+def _blocks(path: Path, size: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, block) for consecutive blocks of ~size bytes of whole lines."""
+    offset = 0
     with open(path, "rb") as f:
         while block := f.read(size):
             if not block.endswith(b"\n"):
-                block += f.readline()  # complete the last line
-            yield lineno, offset, block
-            lineno += block.count(b"\n")
+                block += f.readline()  # complete the last line (or the file, without a line end)
+            yield offset, block
             offset += len(block)
 
 
-def _numbered(block: bytes, first_lineno: int) -> list[tuple[int, bytes]]:
-    """(line number, line) of each line of a block that holds a row: without the line end (LF or
-    CRLF) and, in the file's first line, a UTF-8 BOM. Blank lines hold no row: not read, not counted."""
+def _numbered(block: bytes, first_lineno: int) -> tuple[list[tuple[int, bytes]], int]:
+    """(line number, line) of each line of a block that holds a row, and the number of lines of
+    the block. Lines are without their line end (LF or CRLF) and, in the file's first line, a UTF-8
+    BOM. Blank lines hold no row: not read, not counted."""
     lines = block.split(b"\n")
+    n_lines = len(lines) - (lines[-1] == b"")  # (a last line without a line end counts too)
     if first_lineno == 1 and lines[0].startswith(_BOM):
         lines[0] = lines[0][3:]
     if b"\r" in block:
         lines = [raw.rstrip(b"\r\n") for raw in lines]  # CRLF line ends
-    return [(first_lineno + offset, raw) for offset, raw in enumerate(lines) if raw and not raw.isspace()]
+    return [(first_lineno + offset, raw) for offset, raw in enumerate(lines) if raw and not raw.isspace()], n_lines
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -1036,8 +1043,6 @@ class _ExaminerPool:
 
     def __init__(self, examiner: _Examiner, workers: int):
         examiner.length.cjk_profile()  # compute once here, not once per worker
-        if examiner.s.native:
-            rowscan.normalisation_table()  # (likewise)
         self.workers = workers
         gc.freeze()
         try:
@@ -1046,18 +1051,21 @@ class _ExaminerPool:
             gc.unfreeze()
             raise
 
-    def examined(self, label: str, source: str, path: Path) -> Iterator[tuple[int, bytes, list[tuple]]]:
-        """(first line number, block, examined rows of the block) for each block, in file order."""
+    def examined(self, label: str, source: str, path: Path) -> Iterator[tuple[list[tuple[int, bytes]], list[tuple]]]:
+        """(the block's _numbered() lines, their examined rows) for each block, in file order."""
         pending: deque = deque()
-        for first_lineno, offset, block in _blocks(path, _BLOCK_BYTES):
-            args = (label, source, str(path), offset, len(block), first_lineno)
-            pending.append((first_lineno, block, self.pool.apply_async(_examine_block_in_worker, args)))
+        lineno = 1
+        for offset, block in _blocks(path, _BLOCK_BYTES):
+            numbered, n_lines = _numbered(block, lineno)
+            args = (label, source, str(path), offset, len(block), lineno)
+            pending.append((numbered, self.pool.apply_async(_examine_block_in_worker, args)))
+            lineno += n_lines
             if len(pending) >= 2 * self.workers:
-                first, done, result = pending.popleft()
-                yield first, done, result.get()
+                numbered, result = pending.popleft()
+                yield numbered, result.get()
         while pending:
-            first, done, result = pending.popleft()
-            yield first, done, result.get()
+            numbered, result = pending.popleft()
+            yield numbered, result.get()
 
     def close(self) -> None:
         self.pool.terminate()
@@ -1090,17 +1098,19 @@ class Cleaner:
         file_index = len(self._files) - 1
         source = path.stem
         counts = self.report.sources.setdefault(source, Counts())
-        if pool is None:
-            blocks = ((first, block, None) for first, _, block in _blocks(path, _BLOCK_BYTES))
-        else:
-            blocks = pool.examined(label, source, path)
+        blocks = self._examined(label, source, path) if pool is None else pool.examined(label, source, path)
         if show_progress:
             blocks = progress(blocks, desc=f"clean {path.name}", unit="MB", total=-(-path.stat().st_size // _BLOCK_BYTES))
-        for first_lineno, block, examined in blocks:
-            numbered = _numbered(block, first_lineno)
-            if examined is None:
-                examined = self.examiner.rows(label, source, numbered)
+        for numbered, examined in blocks:
             self._decide(examined, [raw for _, raw in numbered], out, label, file_index, source, counts)
+
+    def _examined(self, label: str, source: str, path: Path) -> Iterator[tuple[list[tuple[int, bytes]], list[tuple]]]:
+        """_ExaminerPool.examined() in this process."""
+        lineno = 1
+        for _, block in _blocks(path, _BLOCK_BYTES):
+            numbered, n_lines = _numbered(block, lineno)
+            yield numbered, self.examiner.rows(label, source, numbered)
+            lineno += n_lines
 
     def metrics(self) -> dict:
         return self.report.metrics()
@@ -1255,6 +1265,8 @@ def run(params) -> dict:
     if not files:
         raise LorapipeError(f"{paths.RAW_DIR}/ has no .jsonl files: run `lorapipe ingest` first")
     length = ChatLength(paths.BASE_DIR)
+    if not rowscan.available():
+        info("clean: the native row scanner is not built (run `make setup`); cleaning in Python only, about 2x slower")
     settings = Settings(max_tokens=c.max_tokens, strict=c.strict, system_prompt=c.system_prompt,
                         eval_fraction=split.eval_fraction, salt=split.salt)
     with contextlib.ExitStack() as stack:
