@@ -47,8 +47,8 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, compress, repeat
+from operator import is_, itemgetter, not_, or_
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -1074,6 +1074,10 @@ class _ExaminerPool:
 
 
 # ------------------------------------------------------------------------------------- the stage
+# Fields of _Examiner's tuples (layout above _Examiner), for map() in Cleaner._decide.
+_LINENO, _REASON, _FINGERPRINT, _TO_EVAL, _BOUND, _KEPT_LINE, _RENDERING = map(itemgetter, range(7))
+
+
 class Cleaner:
     """The clean stage's core: stream raw files into train / eval / rejects and count everything.
 
@@ -1090,7 +1094,8 @@ class Cleaner:
         # fingerprint -> (file index << 32 | line) of the kept row: fixed size per unique row.
         self._seen: dict[bytes, int] = {}
         self._files: list[str] = []
-        self._since_check = 0
+        self._since_check = 0  # rows the bound cleared since the last one counted as a check
+        self._since_floor_check = 0  # likewise, rows the floor showed too long
 
     def clean_file(self, path: Path, out: Outputs, pool: _ExaminerPool | None = None, show_progress: bool = True) -> None:
         label = str(path)
@@ -1128,80 +1133,97 @@ class Cleaner:
                 if item[1] in _STRICT_REASONS:
                     raise LorapipeError(f"{label}:{item[0]}: {item[1]}: {item[2]} (data.clean.strict is true; set it to false to reject bad rows instead)")
 
-        # Which rows get their tokens counted: those the upper bound cannot clear, and every
-        # bound_check_every-th row it did clear (a run-time check of the bound). A row that repeats
-        # one kept in an earlier batch is a duplicate at once and not counted here.
-        to_count: list[int] = []
-        max_tokens, every, since_check = s.max_tokens, s.bound_check_every, self._since_check
-        for i, item in enumerate(batch):
-            if item[1] is not None:
-                continue
-            bound = item[4]
-            if bound is None or bound > max_tokens:
-                if item[2] not in seen:
-                    to_count.append(i)
-            else:
-                since_check += 1
-                if since_check >= every and item[2] not in seen:
-                    since_check = 0
-                    to_count.append(i)
+        # The common case takes a few passes over the batch, each one C-level call (map, compress,
+        # dict.setdefault) rather than Python code per row: every row passes through this one
+        # process, so its cost per row bounds the stage's speed with any number of workers. Rows
+        # that need more (rejects, rows to count) are handled one by one after.
+        n = len(batch)
+        reasons = list(map(_REASON, batch))
+        candidates = list(range(n)) if reasons.count(None) == n else [i for i, r in enumerate(reasons) if r is None]
+        items = batch if len(candidates) == n else list(map(batch.__getitem__, candidates))
+
+        # Which rows get their tokens counted: those the upper bound cannot clear (unless they repeat
+        # a row kept before: duplicates at once), and every bound_check_every-th row it did clear, a
+        # run-time check of the bound.
+        max_tokens, every = s.max_tokens, s.bound_check_every
+        bounds = list(map(_BOUND, items))
+        cleared = candidates
+        unclear: list[int] = []
+        if None in bounds or (bounds and max(bounds) > max_tokens):
+            unclear = [i for i, b in zip(candidates, bounds) if b is None or b > max_tokens]
+            unclear_set = set(unclear)
+            cleared = [i for i in candidates if i not in unclear_set]
+            unclear = [i for i in unclear if batch[i][2] not in seen]
+        sampled = cleared[(every - 1 - self._since_check) % every::every]
+        self._since_check = (self._since_check + len(cleared)) % every
         # Rows certainly too long by the floor are not tokenized either (bar the sampled checks).
         floors: dict[int, int] = {}
-        exact: list[tuple[int, str]] = []
+        exact: list[tuple[int, str]] = [(i, self._render(batch[i][0], raws[i], label)) for i in sampled]
         tokens: dict[int, int] = {}  # rows counted by the examiner, and below
-        for i in to_count:
+        for i in unclear:
             rendering = batch[i][6]
-            if rendering is None:  # a sampled row the bound cleared: rendered only now
-                exact.append((i, self._render(batch[i][0], raws[i], label)))
-                continue
             if rendering[2] is not None:
                 raise LorapipeError(rendering[2])
             if rendering[3] is not None:  # counted already by the examiner
                 tokens[i] = rendering[3]
             elif rendering[0] > max_tokens:
                 floors[i] = rendering[0]
-                since_check += 1
-                if since_check < every:
-                    continue
-                since_check = 0
-                exact.append((i, rendering[1]))
+                self._since_floor_check += 1
+                if self._since_floor_check >= every:
+                    self._since_floor_check = 0
+                    exact.append((i, rendering[1]))
             else:
                 exact.append((i, rendering[1]))
-        self._since_check = since_check
+        renderings = list(filter(None, map(_RENDERING, items)))
         # Rows tokenized: here, and by the examiner (also those found duplicates here since).
-        self.report.token_counted += len(exact) + sum([1 for item in batch if item[1] is None and item[6] is not None and item[6][3] is not None])
-        tokens.update((i, n) for (i, _), n in zip(exact, self.length.count([t for _, t in exact])))
-        for i, n in tokens.items():
+        self.report.token_counted += len(exact) + sum([1 for r in renderings if r[3] is not None])
+        tokens.update(zip([i for i, _ in exact], self.length.count([t for _, t in exact])))
+        for i, n_tokens in tokens.items():
             bound, floor = batch[i][4], floors.get(i, batch[i][6][0] if batch[i][6] else None)
-            if (bound is not None and n > bound) or (floor is not None and n < floor):
-                raise RuntimeError(f"{label}:{batch[i][0]}: {n} tokens, outside the bounds [{floor}, {bound}]: "
+            if (bound is not None and n_tokens > bound) or (floor is not None and n_tokens < floor):
+                raise RuntimeError(f"{label}:{batch[i][0]}: {n_tokens} tokens, outside the bounds [{floor}, {bound}]: "
                                    "the length shortcut does not hold for this tokenizer/template")
-        too_long = {i for i, n in tokens.items() if n > max_tokens} | floors.keys()
+        too_long = {i for i, n_tokens in tokens.items() if n_tokens > max_tokens} | floors.keys()
 
-        # Lines are gathered and written once per batch; counts are added up once per batch.
+        # Dedupe: dict.setdefault over the fingerprints in input order inserts each new one with
+        # its row's place and returns it (kept), or returns the place of the row kept before
+        # (a duplicate).
+        fitting = [i for i in candidates if i not in too_long] if too_long else candidates
+        if len(fitting) != len(items):
+            items = list(map(batch.__getitem__, fitting))
+        places = list(map(or_, repeat(file_index << 32), map(_LINENO, items)))
+        found = list(map(seen.setdefault, map(_FINGERPRINT, items), places))
+        kept_mask = list(map(is_, found, places))
+        kept_items = list(compress(items, kept_mask))
+        lines = list(compress(raws if len(fitting) == n else map(raws.__getitem__, fitting), kept_mask))
+        rewritten = list(map(_KEPT_LINE, kept_items))  # None: the raw line as read
+        if rewritten.count(None) != len(rewritten):
+            lines = [new or raw for new, raw in zip(rewritten, lines)]
+        to_eval = list(map(_TO_EVAL, kept_items))
+        if True in to_eval:
+            evals = list(compress(lines, to_eval))
+            train = list(compress(lines, map(not_, to_eval)))
+        else:
+            train, evals = lines, []
+
+        # Reject records in input order: the examiner's (made already), duplicates, too long.
         dropped, files = self.report.dropped, self._files
-        train: list[bytes] = []  # kept lines, without their line end
-        evals: list[bytes] = []
-        rejects: list[bytes] = []  # reject records, with their line end
-        line_base = file_index << 32
-        for i, item in enumerate(batch):
+        duplicate_of = dict(compress(zip(fitting, found), map(not_, kept_mask)))  # row -> place of the kept one
+        rejects: list[bytes] = []  # with their line end
+        for i in sorted(chain(duplicate_of, too_long, [i for i, r in enumerate(reasons) if r is not None] if len(candidates) < n else ())):
+            item = batch[i]
             reason = item[1]
             if reason is not None:  # rejected by the examiner: its record is made already
                 rejects.append(item[3])
                 dropped[reason] += 1
                 continue
-            fp = item[2]
-            if too_long and i in too_long:
-                n = tokens.get(i)
-                reason, detail = ("too_long", f"{n} tokens > max_tokens {max_tokens}" if n is not None and n > max_tokens
+            if i in too_long:
+                n_tokens = tokens.get(i)
+                reason, detail = ("too_long", f"{n_tokens} tokens > max_tokens {max_tokens}" if n_tokens is not None and n_tokens > max_tokens
                                   else f"at least {floors[i]} tokens > max_tokens {max_tokens}")
-            elif fp in seen:
-                kept = seen[fp]
-                reason, detail = "duplicate", f"same user+assistant text as {files[kept >> 32]}:{kept & 0xFFFFFFFF}"
             else:
-                seen[fp] = line_base | item[0]
-                (evals if item[3] else train).append(item[5] or raws[i])
-                continue
+                where = duplicate_of[i]
+                reason, detail = "duplicate", f"same user+assistant text as {files[where >> 32]}:{where & 0xFFFFFFFF}"
             if item[5] is None:  # a plain row (copied as read): strings only, so orjson's value is exact
                 row, strings_only = orjson.loads(raws[i]), True
             else:
@@ -1214,7 +1236,7 @@ class Cleaner:
             out.eval.write(b"\n".join(evals) + b"\n")
         out.rejects.write(b"".join(rejects))
         for c in (counts, self.report.total):
-            c.read += len(batch)
+            c.read += n
             c.train += len(train)
             c.eval += len(evals)
             c.rejected += len(rejects)
