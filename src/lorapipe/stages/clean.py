@@ -1056,9 +1056,9 @@ class _ExaminerPool:
         pending: deque = deque()
         lineno = 1
         for offset, block in _blocks(path, _BLOCK_BYTES):
-            numbered, n_lines = _numbered(block, lineno)
-            args = (label, source, str(path), offset, len(block), lineno)
-            pending.append((numbered, self.pool.apply_async(_examine_block_in_worker, args)))
+            result = self.pool.apply_async(_examine_block_in_worker, (label, source, str(path), offset, len(block), lineno))
+            numbered, n_lines = _numbered(block, lineno)  # while a worker examines the block
+            pending.append((numbered, result))
             lineno += n_lines
             if len(pending) >= 2 * self.workers:
                 numbered, result = pending.popleft()
