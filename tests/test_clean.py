@@ -395,8 +395,8 @@ def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_p
     examiner = clean._Examiner(settings, length, rules)
     examined_together = []
     examine_plain = examiner._examine_plain
-    examiner._examine_plain = lambda label, source, native_rows, python_rows, out: (
-        examined_together.extend(native_rows + python_rows), examine_plain(label, source, native_rows, python_rows, out))
+    examiner._examine_plain = lambda label, source, numbered, raws, scanned, native_rows, python_rows, out: (
+        examined_together.extend([*native_rows, *python_rows]), examine_plain(label, source, numbered, raws, scanned, native_rows, python_rows, out))
     together = examiner.block("f.jsonl", "f", 1, b"\n".join(lines) + b"\n")
     assert len(examined_together) >= (10 if system_prompt else len(lines) - 3)  # rows with a system turn / all plain rows
     alone = [examiner.line("f.jsonl", "f", n, raw) for n, raw in enumerate(lines, 1)]

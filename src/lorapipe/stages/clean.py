@@ -47,8 +47,8 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain, compress, repeat
-from operator import is_, itemgetter, not_, or_
+from itertools import accumulate, chain, compress, repeat
+from operator import add, is_, itemgetter, not_, or_
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -314,8 +314,7 @@ class RuleScan:
 
     def suspects(self, replies: list[str], ends: list[int]) -> dict[int, list[Rule]]:
         """{row index: the rules (in order) that might reject it} for the rows some rule might
-        reject. `replies` are the normalised replies of all rows, row k's dialogue turns ending
-        before ends[k] (its replies at odd positions: reply i is turn 2i+1)."""
+        reject. `replies` are the normalised replies of all rows, row k's ending before ends[k]."""
         if self.check_all:
             return dict.fromkeys(range(len(ends)), self.rules)
         hits: dict[int, set[int]] = {}  # reply index -> indexes of the rules it might break
@@ -328,17 +327,29 @@ class RuleScan:
                 for i in [i for i, r in enumerate(replies) if len(r) < cut]:
                     hits.setdefault(i, set()).add(j)
         if self._scanner is not None:
+            full_match = {j: r.full_match for j, r in enumerate(self.rules) if r.full_match is not None}
+            cores: dict[int, str] = {}
             for k in self._scanner.Match("\n".join(replies)) or ():
                 literal, rule_ids = self._literals[k], self._literal_rules[k]
                 for i in [i for i, r in enumerate(replies) if literal in r]:
                     reply = replies[i]
                     own_core = reply[0].isalnum() and reply[-1].isalnum()  # starts and ends with a letter or digit
                     for j in rule_ids:  # a full_match rule cannot match a core longer than its pattern's widest match
-                        if not own_core or len(reply) <= self._max_width.get(j, _UNBOUNDED):
-                            hits.setdefault(i, set()).add(j)
+                        if own_core and len(reply) > self._max_width.get(j, _UNBOUNDED):
+                            continue
+                        if j in full_match:
+                            # Decided here, at once: a pure refusal is rare, and a row sent on to
+                            # first_broken_rule costs several calls more than this one match.
+                            core = cores.get(i)
+                            if core is None:
+                                found = _CORE.search(reply)
+                                core = cores[i] = found.group() if found is not None else ""
+                            if not core or full_match[j].fullmatch(core) is None:
+                                continue
+                        hits.setdefault(i, set()).add(j)
         rows: dict[int, set[int]] = {}
         for i, rule_ids in hits.items():
-            rows.setdefault(bisect_right(ends, 2 * i + 1), set()).update(rule_ids)
+            rows.setdefault(bisect_right(ends, i), set()).update(rule_ids)
         return {k: [self.rules[j] for j in sorted(rule_ids)] for k, rule_ids in rows.items()}
 
 
@@ -739,6 +750,15 @@ def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: 
 #                    None) when the template cannot render the row.
 
 
+# Fields of the native scanner's results and of _numbered()'s pairs, for map() in _Examiner.
+_ROLES, _REPLIES, _FP, _SIDE = map(itemgetter, range(4))
+_LINE = itemgetter(1)
+
+# Fields of _Examiner's tuples (layout above _Examiner), for map() in Cleaner._decide (and _LINENO
+# for _numbered()'s pairs too).
+_LINENO, _REASON, _FINGERPRINT, _TO_EVAL, _BOUND, _KEPT_LINE, _RENDERING = map(itemgetter, range(7))
+
+
 class _Examiner:
     """Everything the stage decides about a row without looking at other rows.
 
@@ -770,18 +790,21 @@ class _Examiner:
 
     def rows(self, label: str, source: str, numbered: list[tuple[int, bytes]]) -> list[tuple]:
         """block() for the (line number, line) pairs of a block, as _numbered() gives them."""
-        raws = [raw for _, raw in numbered]
+        raws = list(map(_LINE, numbered))
         scanned = rowscan.scan(raws, self._salt, self._eval_cut) if self.native else [None] * len(raws)
-        given_back = [k for k, found in enumerate(scanned) if found is None]
-        python_plain = dict(zip(given_back, _plain_rows([raws[k] for k in given_back]))) if given_back else {}
         needs_system = bool(self.s.system_prompt)
         examined: list = [None] * len(numbered)
-        native: list[tuple] = []  # (slot in examined, lineno, raw, roles, replies, fingerprint, to_eval)
+        if None not in scanned and not (needs_system and any(found[0][0] != "system" for found in scanned)):
+            self._examine_plain(label, source, numbered, raws, scanned, range(len(raws)), [], examined)  # the usual block
+            return examined
+        given_back = [k for k, found in enumerate(scanned) if found is None]
+        python_plain = dict(zip(given_back, _plain_rows([raws[k] for k in given_back]))) if given_back else {}
+        native: list[int] = []  # slots of rows the native scanner read
         python: list[tuple] = []  # (slot in examined, lineno, raw, row, roles, contents)
         for k, ((lineno, raw), found) in enumerate(zip(numbered, scanned)):
             if found is not None:
                 if not (needs_system and found[0][0] != "system"):
-                    native.append((k, lineno, raw, *found))
+                    native.append(k)
                     continue
                 plain = None  # known plain, but gets the system prompt: line() does that
             else:
@@ -791,18 +814,25 @@ class _Examiner:
                     continue
             examined[k] = self.line(label, source, lineno, raw, _NOT_CHECKED if found is not None else plain)
         if native or python:
-            self._examine_plain(label, source, native, python, examined)
+            self._examine_plain(label, source, numbered, raws, scanned, native, python, examined)
         return examined
 
-    def _examine_plain(self, label: str, source: str, native: list[tuple], python: list[tuple], examined: list) -> None:
+    def _examine_plain(self, label: str, source: str, numbered: list[tuple[int, bytes]], raws: list[bytes], scanned: list,
+                       native: range | list[int], python: list[tuple], examined: list) -> None:
         """line() for many plain rows (see _plain_row) at once, into their slots of `examined`.
 
-        `native` rows come from the native scanner with their replies normalised, their
-        fingerprint and split side found; `python` rows get the same here, with one normalisation
-        pass over the texts of all of them. Then, for all: one scan of all replies for what the
-        reply rules look for (only rows where something is found run the rules), and a token
-        bound from the line's byte length. The same decisions as line().
+        `native`: the slots of rows the native scanner read (scanned[slot]: roles, normalised
+        replies, fingerprint, split side); `python`: rows that get the same here, with one
+        normalisation pass over the texts of all of them. Then, for all: one scan of all replies
+        for what the reply rules look for (only rows where something is found run the rules), and
+        a token bound from the line's byte length. The same decisions as line(). The native rows,
+        nearly all, take a few C-level passes (map, zip) for the whole block; only rows that need
+        more (a rule to check, a bound that does not clear them) are looked at one by one.
         """
+        everything = len(native) == len(numbered)
+        found = scanned if everything else list(map(scanned.__getitem__, native))
+        native_replies = list(map(_REPLIES, found))
+        # Python rows: (slot, lineno, raw, roles, replies, fingerprint, to_eval, row, contents)
         texts: list[str] = []
         ends: list[int] = []  # where each python row's dialogue texts end in `texts`
         for item in python:
@@ -810,40 +840,49 @@ class _Examiner:
             texts += contents[1:] if item[4][0] == "system" else contents
             ends.append(len(texts))
         normalised = normalise_many(texts) if texts else []
-        # items: (slot, lineno, raw, roles, replies, fingerprint, to_eval, row or None, contents or None)
-        items = native
-        if python:
-            items = [(*item, None, None) for item in native]
-            start = 0
-            for item, end, fp in zip(python, ends, dialogue_fingerprints(normalised, ends)):
-                slot, lineno, raw, row, roles, contents = item
-                items.append((slot, lineno, raw, roles, normalised[start + 1:end:2], fp, self._to_eval(fp), row, contents))
-                start = end
-        all_replies: list[str] = []
-        reply_ends: list[int] = []  # in dialogue turns, as RuleScan.suspects wants them
-        for item in items:
-            all_replies += item[4]
-            reply_ends.append(2 * len(all_replies))
-        suspects = self.rule_scan.suspects(all_replies, reply_ends)
+        others: list[tuple] = []
+        start = 0
+        for item, end, fp in zip(python, ends, dialogue_fingerprints(normalised, ends)):
+            slot, lineno, raw, row, roles, contents = item
+            others.append((slot, lineno, raw, roles, normalised[start + 1:end:2], fp, self._to_eval(fp), row, contents))
+            start = end
+        # The rule scan over the replies of all rows: native rows first (k < len(native)), then python.
+        reply_lists = native_replies + [item[4] for item in others] if others else native_replies
+        suspects = self.rule_scan.suspects(list(chain.from_iterable(reply_lists)), list(accumulate(map(len, reply_lists))))
+
+        # Native rows: the examined tuples of the whole block in C-level passes, with the loose
+        # token bound (ChatLength.loose_bound: overhead + line bytes + 4 per turn + 8) of each.
         max_tokens, length = self.s.max_tokens, self.length
-        # The loose bound (ChatLength.loose_bound), inlined: it is computed for nearly every row.
-        overheads = length.overheads_for_loose_bound()
+        roles_list = list(map(_ROLES, found))
+        line_bytes = list(map(len, raws if everything else map(raws.__getitem__, native)))
+        per_roles = {roles: length.loose_bound(roles, 0, max_tokens) for roles in set(roles_list)}
+        if None in per_roles.values():  # no loose bound for some role sequence: None there
+            bounds = [None if per_roles[r] is None else per_roles[r] + n for r, n in zip(roles_list, line_bytes)]
+        else:
+            bounds = list(map(add, map(per_roles.__getitem__, roles_list), line_bytes))
+        linenos = list(map(_LINENO, numbered if everything else map(numbered.__getitem__, native)))
+        tuples = zip(linenos, repeat(None), map(_FP, found), map(_SIDE, found), bounds, repeat(None), repeat(None))
+        if everything:
+            examined[:] = tuples
+        else:
+            for slot, t in zip(native, tuples):
+                examined[slot] = t
+        # The native rows that need more, and the python rows, one by one.
+        bound_fails = None in bounds or (bounds and max(bounds) > max_tokens)
+        look = sorted(set(k for k in suspects if k < len(native)) | ({k for k, b in enumerate(bounds) if b is None or b > max_tokens} if bound_fails else set()))
+        items = [(native[k], linenos[k], raws[native[k]], roles_list[k], native_replies[k], found[k][2], found[k][3], None, None, k) for k in look]
+        items += [(*item, len(native) + j) for j, item in enumerate(others)]
         to_count: list[int] = []  # slots of rows whose tokens must be counted
-        for k, item in enumerate(items):
-            slot, lineno, raw, roles = item[:4]
-            if suspects and k in suspects:
-                broken = first_broken_rule(suspects[k], item[4], triggered=True)
+        for slot, lineno, raw, roles, replies, fp, to_eval, row, contents, k in items:
+            if k in suspects:
+                broken = first_broken_rule(suspects[k], replies, triggered=True)
                 if broken:
-                    row = item[7] if len(item) > 7 and item[7] is not None else orjson.loads(raw)  # a plain row: orjson's value is exact
+                    row = row if row is not None else orjson.loads(raw)  # a plain row: orjson's value is exact
                     examined[slot] = self._rejected(broken[0], f"assistant reply {broken[1][:80]!r}", row, True, None, label, lineno, source)
                     continue
-            overhead = overheads.get(roles) if overheads is not None else None
-            bound = None if overhead is None else overhead + len(raw) + 4 * len(roles) + 8
+            bound = length.loose_bound(roles, len(raw), max_tokens)
             rendering = None
-            if bound is None or bound > max_tokens:
-                bound = length.loose_bound(roles, len(raw), max_tokens)  # (fills `overheads` for new role sequences)
             if bound is None:
-                row, contents = (item[7], item[8]) if len(item) > 7 and item[7] is not None else (None, None)
                 if row is None:
                     row = orjson.loads(raw)
                     contents = [m["content"] for m in row["messages"]]
@@ -852,7 +891,7 @@ class _Examiner:
                     rendering = self._rendering(row["messages"], label, lineno, count=False)
                     if rendering[0] is not None and rendering[0] <= max_tokens:
                         to_count.append(slot)
-            examined[slot] = (lineno, None, item[5], item[6], bound, None, rendering)
+            examined[slot] = (lineno, None, fp, to_eval, bound, None, rendering)
         if to_count:  # one batched tokenizer call for the rows of this block that the bounds cannot decide
             for slot, n in zip(to_count, length.count([examined[slot][6][1] for slot in to_count])):
                 examined[slot] = (*examined[slot][:6], (*examined[slot][6][:3], n))
@@ -1074,10 +1113,6 @@ class _ExaminerPool:
 
 
 # ------------------------------------------------------------------------------------- the stage
-# Fields of _Examiner's tuples (layout above _Examiner), for map() in Cleaner._decide.
-_LINENO, _REASON, _FINGERPRINT, _TO_EVAL, _BOUND, _KEPT_LINE, _RENDERING = map(itemgetter, range(7))
-
-
 class Cleaner:
     """The clean stage's core: stream raw files into train / eval / rejects and count everything.
 
