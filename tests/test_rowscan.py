@@ -13,6 +13,7 @@ import random
 from array import array
 from pathlib import Path
 
+import orjson
 import pytest
 
 from lorapipe.core import rowscan
@@ -28,7 +29,7 @@ CUT = int(0.3 * 2**64)  # eval_fraction 0.3: both sides occur
 
 def reference(raw: bytes, salt: bytes = SALT, cut: int = CUT):
     """What the Python path finds for a line: None if it is not a plain row, else (roles,
-    normalised replies, fingerprint, to_eval)."""
+    normalised replies, fingerprint, to_eval, canonical: the line is orjson.dumps of its value)."""
     plain = clean._plain_row(raw)
     if plain is None:
         return None
@@ -36,7 +37,7 @@ def reference(raw: bytes, salt: bytes = SALT, cut: int = CUT):
     dialogue = [normalise(c) for r, c in zip(roles, contents) if r != "system"]
     fp = fingerprint(zip(("user", "assistant") * len(dialogue), dialogue))
     to_eval = int.from_bytes(hashlib.blake2b(salt + fp, digest_size=8).digest(), "big") < cut
-    return roles, dialogue[1::2], fp, to_eval
+    return roles, dialogue[1::2], fp, to_eval, orjson.dumps(orjson.loads(raw)) == raw
 
 
 def check(lines: list[bytes], salt: bytes = SALT, cut: int = CUT) -> int:
@@ -172,6 +173,23 @@ def test_edge_lines_are_taken_exactly_or_given_back():
     assert {0, 5, 12, 35} <= taken
     # What must be given back: anything invalid, lone surrogates, other layouts, characters out of the table.
     assert not taken & {1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 36, 37, 38}
+
+
+def test_reject_record_of_a_canonical_line_is_made_without_parsing_it():
+    """clean._plain_reject_line (splicing the line into the record) writes the same bytes as
+    parsing the row and serialising the record."""
+    lines = [line("a", "b"), line("\"quoted\" \\ \n \x1f \x7f \u2028 /", "ok"), line("x", "y", system="s")] + [
+        json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "source": src, "origin": origin},
+                   ensure_ascii=False, separators=(",", ":")).encode() for src, origin in
+        [("s", ""), ("é\"\\,\"origin\":", "o,\"origin\":x"), ("", "😀"), ("\x00", ",\"source\":")]]
+    found = rowscan.scan(lines, SALT, CUT)
+    assert all(f is not None and f[4] for f in found)  # all taken, all canonical
+    for raw in lines:
+        for label in ("data/raw/x.jsonl", "data/raw/é \"q\".jsonl", "data/raw/\udcff.jsonl"):
+            for reason, detail in (("duplicate", f"same user+assistant text as {label}:3"), ("too_long", "at least 5000 tokens > max_tokens 2048")):
+                fast = clean._plain_reject_line(reason, detail, raw, label, 7, "x")
+                assert fast == clean._row_reject_line(reason, detail, raw, True, label, 7, "x"), (raw, label)
+                assert json.loads(fast)["row"] == json.loads(raw)
 
 
 def test_many_turns_and_long_texts():

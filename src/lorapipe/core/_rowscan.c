@@ -13,7 +13,7 @@ the table, invalid UTF-8, ...) is answered None, and the Python path decides it 
 
 scan(lines, table, salt, eval_cut) -> list, one entry per line:
   None  - not taken here: the caller examines the line in Python;
-  (roles, replies, fingerprint, to_eval)
+  (roles, replies, fingerprint, to_eval, canonical)
         - the line is {"messages":[{"role":R,"content":C},...],"source":S,"origin":O} with exactly
           that layout (keys in that order; compact or with json.dumps' default separators), every string valid JSON and valid UTF-8, the
           roles a valid sequence (optional system, then user/assistant alternating, ending with
@@ -22,7 +22,8 @@ scan(lines, table, salt, eval_cut) -> list, one entry per line:
           fingerprint: sharegpt.dialogue_fingerprint of the normalised turns, i.e. BLAKE2b-128 of
           b"u<user>\x1ea<reply>\x1e..." (UTF-8);
           to_eval: BLAKE2b-64 of salt + fingerprint, read big-endian, < eval_cut (the clean stage's
-          split: salt is data.split.salt + NUL, eval_cut eval_fraction * 2^64).
+          split: salt is data.split.salt + NUL, eval_cut eval_fraction * 2^64);
+          canonical: the line is byte for byte what orjson.dumps writes for its value.
 table: bytes, native-endian uint32 per code point from 0 (as many as the caller covers):
   0xFFFFFFFF = not handled here; else the mapped code point, with bit 31 set when it is whitespace
   (str.isspace), which normalisation collapses.
@@ -190,6 +191,13 @@ static inline int hex4(const unsigned char *p, uint32_t *out) {
 /* The next code point of a JSON string body at *pp, escapes decoded. Returns the code point, -2 at
    the closing quote (consumed), -1 for anything not taken (invalid JSON or UTF-8, a raw control
    character, a lone surrogate escape, the end of the line). */
+/* Whether the line being scanned is exactly what orjson.dumps (and json.dumps with
+   ensure_ascii=False and compact separators) writes for its value: no whitespace between tokens,
+   and only the escapes those write (\" \\ \b \f \n \r \t, and \u00xx in lower case for the other
+   control characters). Then the line can stand for its row inside another JSON document (a reject
+   record) as it is. One flag for the module: scan() holds the GIL throughout. */
+static int line_canonical;
+
 static ALWAYS_INLINE int32_t json_char(const unsigned char **pp, const unsigned char *end) {
     const unsigned char *p = *pp;
     if (p >= end) return -1;
@@ -204,7 +212,7 @@ static ALWAYS_INLINE int32_t json_char(const unsigned char **pp, const unsigned 
     switch (p[1]) {
     case '"': *pp = p + 2; return '"';
     case '\\': *pp = p + 2; return '\\';
-    case '/': *pp = p + 2; return '/';
+    case '/': *pp = p + 2; line_canonical = 0; return '/';
     case 'b': *pp = p + 2; return '\b';
     case 'f': *pp = p + 2; return '\f';
     case 'n': *pp = p + 2; return '\n';
@@ -213,7 +221,14 @@ static ALWAYS_INLINE int32_t json_char(const unsigned char **pp, const unsigned 
     case 'u': {
         uint32_t hi, lo;
         if (end - p < 6 || hex4(p + 2, &hi) < 0) return -1;
-        if (hi < 0xD800 || hi > 0xDFFF) { *pp = p + 6; return (int32_t)hi; }
+        if (hi < 0xD800 || hi > 0xDFFF) {
+            /* canonical only for a control character without a short escape, in lower case */
+            if (hi >= 0x20 || hi == '\b' || hi == '\t' || hi == '\n' || hi == '\f' || hi == '\r' || (p[5] >= 'A' && p[5] <= 'F'))
+                line_canonical = 0;
+            *pp = p + 6;
+            return (int32_t)hi;
+        }
+        line_canonical = 0;  /* a surrogate pair: orjson writes the character itself */
         /* a surrogate pair, or a lone surrogate (json keeps it, orjson refuses: Python decides) */
         if (hi > 0xDBFF || end - p < 12 || p[6] != '\\' || p[7] != 'u' || hex4(p + 8, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF) return -1;
         *pp = p + 12;
@@ -301,7 +316,10 @@ static int content_string(const unsigned char **pp, const unsigned char *end, Bu
    writes them) and json.dumps' default ", " / ": " separators are both taken. */
 static inline int tok(const unsigned char **pp, const unsigned char *end, const char *lit, Py_ssize_t n) {
     const unsigned char *p = *pp;
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    if (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) {
+        line_canonical = 0;
+        while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    }
     if (end - p < n || memcmp(p, lit, n) != 0) return -1;
     *pp = p + n;
     return 0;
@@ -336,6 +354,7 @@ static PyObject *scan_line(const unsigned char *p, const unsigned char *end, con
     Py_ssize_t table_len = st->table_len;
     int n = 0, n_replies = 0;
     fp->len = 0;
+    line_canonical = 1;
     /* Room for everything this line can add: 4 bytes per byte of it (see content_string), plus the
        two bytes per turn written here, which the turn's own JSON syntax outweighs. */
     if (buf_reserve(fp, 4 * (end - p) + 16) < 0) return NULL;
@@ -372,6 +391,7 @@ static PyObject *scan_line(const unsigned char *p, const unsigned char *end, con
     if (tok(&p, end, ",", 1) < 0 || tok(&p, end, "\"source\"", 8) < 0 || tok(&p, end, ":", 1) < 0 || tok(&p, end, "\"", 1) < 0 || skip_string(&p, end) < 0) goto not_taken;
     if (tok(&p, end, ",", 1) < 0 || tok(&p, end, "\"origin\"", 8) < 0 || tok(&p, end, ":", 1) < 0 || tok(&p, end, "\"", 1) < 0 || skip_string(&p, end) < 0) goto not_taken;
     if (tok(&p, end, "}", 1) < 0) goto not_taken;
+    if (p < end) line_canonical = 0;
     while (p < end && (*p == ' ' || *p == '\t')) p++;  /* trailing whitespace: json.loads allows it */
     if (p != end) goto not_taken;
 
@@ -398,7 +418,7 @@ static PyObject *scan_line(const unsigned char *p, const unsigned char *end, con
         if (!s) goto fail;
         PyList_SET_ITEM(replies, i, s);
     }
-    PyObject *result = PyTuple_Pack(4, role_tuple, replies, data, to_eval ? Py_True : Py_False);
+    PyObject *result = PyTuple_Pack(5, role_tuple, replies, data, to_eval ? Py_True : Py_False, line_canonical ? Py_True : Py_False);
     Py_DECREF(role_tuple);
     Py_DECREF(replies);
     Py_DECREF(data);
@@ -491,7 +511,7 @@ PyMODINIT_FUNC PyInit__rowscan(void) {
     PyObject *m = PyModule_Create(&module);
     /* What core/rowscan.py expects (its SCANNER_VERSION): bump both on any change of behaviour, so
        that a module built from an older source is refused instead of used. */
-    if (m && PyModule_AddIntConstant(m, "VERSION", 1) < 0) {
+    if (m && PyModule_AddIntConstant(m, "VERSION", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,10 +1,10 @@
 """The clean stage's native fast path for rows exactly as ingest writes them (C: _rowscan.c).
 
 `scan(lines, salt, eval_cut)` answers, for each raw line, None (not taken: examine it in Python)
-or (roles, normalised replies, fingerprint, to_eval): the same values the Python path gives for
-that row (`plain_turns` roles, `normalise` of the replies, `dialogue_fingerprint`, the clean
-stage's split side), found in one pass over the line's bytes without building its JSON objects:
-a fraction of the CPU per row.
+or (roles, normalised replies, fingerprint, to_eval, canonical): the same values the Python path
+gives for that row (`plain_turns` roles, `normalise` of the replies, `dialogue_fingerprint`, the
+clean stage's split side), and whether the line is exactly orjson.dumps() of its value, found in
+one pass over the line's bytes without building its JSON objects: a fraction of the CPU per row.
 
 The Unicode part is Python's own: normalisation_table() maps each code point to
 normalise()'s output for it (NFKC, then casefold), computed here with the running Python's
@@ -24,7 +24,7 @@ from functools import cache
 from lorapipe.core.errors import LorapipeError
 
 # The _rowscan.c this module is written for (its VERSION): bumped together on any change there.
-SCANNER_VERSION = 1
+SCANNER_VERSION = 2
 
 try:
     from lorapipe.core import _rowscan
@@ -90,7 +90,7 @@ def normalisation_table() -> bytes:
     return table.tobytes()
 
 
-def scan(lines: list[bytes], salt: bytes, eval_cut: int) -> list[tuple[tuple[str, ...], list[str], bytes, bool] | None]:
+def scan(lines: list[bytes], salt: bytes, eval_cut: int) -> list[tuple[tuple[str, ...], list[str], bytes, bool, bool] | None]:
     """One entry per line (see the module doc); all None when the scanner is not compiled.
 
     to_eval is blake2b(salt + fingerprint, digest_size=8) read big-endian < eval_cut (>= 0).

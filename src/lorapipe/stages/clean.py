@@ -703,6 +703,32 @@ def _plain_rows(lines: list[bytes]) -> list[tuple[dict, tuple[str, ...], list[st
     return plain
 
 
+def _row_reject_line(reason: str, detail: str, raw: bytes, plain: bool, label: str, lineno: int, source: str) -> bytes:
+    """The rejects.jsonl line of a valid row, parsed again for it (a plain row holds strings only,
+    so orjson's value is exact)."""
+    row, strings_only = (orjson.loads(raw), True) if plain else parse_line(raw)[:2]
+    return _dump_line(_reject_record(reason, detail, row, None, label, lineno, source), strings_only)
+
+
+def _plain_reject_line(reason: str, detail: str, raw: bytes, label: str, lineno: int, source: str) -> bytes:
+    """_row_reject_line() for a line that is exactly orjson.dumps() of its plain row (the native
+    scanner says which), made without parsing it: the line itself is the record's "row", and its
+    "source" and "origin" strings are taken as they stand in it.
+
+    Both keys occur once in such a line, last, in this order, and nowhere else: inside a JSON
+    string a quote is always escaped, so `,"origin":` can only be the key.
+    """
+    origin_at = raw.rfind(b',"origin":')
+    source_at = raw.rfind(b',"source":', 0, origin_at)
+    try:
+        at = orjson.dumps(f"{label}:{lineno}")
+        origin = raw[origin_at + 10:-1]
+        return b"".join((b'{"reason":', orjson.dumps(reason), b',"detail":', orjson.dumps(detail), b',"source":', raw[source_at + 10:origin_at],
+                         b',"at":', at, b',"origin":', at if origin == b'""' else origin, b',"row":', raw, b"}\n"))
+    except TypeError:  # a lone surrogate in the file name: the general way writes it escaped
+        return _row_reject_line(reason, detail, raw, True, label, lineno, source)
+
+
 def _dump_line(obj: dict, strings_only: bool) -> bytes:
     """One JSONL line as core.io.dump_jsonl_line writes it (compact, non-ASCII as is), in UTF-8.
 
@@ -741,8 +767,10 @@ def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: 
 # What _Examiner returns for each non-blank line, in input order. Plain tuples: they are built for
 # every row and, with worker processes, pickled back to the parent, where a tuple is the cheapest.
 #   rejected here:  (lineno, reason, detail, record line)
-#   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, kept line or None
-#                    (= the raw line as is), rendering or None)
+#   a candidate:    (lineno, None, fingerprint, to_eval, upper bound, kept line, rendering or None)
+#                    kept line: the line to write, or None / False when it is the raw line as read:
+#                    None when that line is also exactly orjson.dumps() of the row (the native
+#                    scanner checks), so that a reject record can hold it as it is.
 # The raw line itself is not in the tuple: with worker processes these tuples travel back to the
 # parent, which has the line already (it read the block) and pairs them up with _numbered().
 #   rendering (for rows the upper bound cannot clear): (lower bound, rendered text, None, tokens or
@@ -751,7 +779,8 @@ def _reject_record(reason: str, detail: str, row: Any, text: str | None, label: 
 
 
 # Fields of the native scanner's results and of _numbered()'s pairs, for map() in _Examiner.
-_ROLES, _REPLIES, _FP, _SIDE = map(itemgetter, range(4))
+_ROLES, _REPLIES, _FP, _SIDE, _CANONICAL = map(itemgetter, range(5))
+_AS_READ = {True: None, False: False}.__getitem__  # the kept-line field of a row kept as read
 _LINE = itemgetter(1)
 
 # Fields of _Examiner's tuples (layout above _Examiner), for map() in Cleaner._decide (and _LINENO
@@ -861,7 +890,7 @@ class _Examiner:
         else:
             bounds = list(map(add, map(per_roles.__getitem__, roles_list), line_bytes))
         linenos = list(map(_LINENO, numbered if everything else map(numbered.__getitem__, native)))
-        tuples = zip(linenos, repeat(None), map(_FP, found), map(_SIDE, found), bounds, repeat(None), repeat(None))
+        tuples = zip(linenos, repeat(None), map(_FP, found), map(_SIDE, found), bounds, map(_AS_READ, map(_CANONICAL, found)), repeat(None))
         if everything:
             examined[:] = tuples
         else:
@@ -870,10 +899,11 @@ class _Examiner:
         # The native rows that need more, and the python rows, one by one.
         bound_fails = None in bounds or (bounds and max(bounds) > max_tokens)
         look = sorted(set(k for k in suspects if k < len(native)) | ({k for k, b in enumerate(bounds) if b is None or b > max_tokens} if bound_fails else set()))
-        items = [(native[k], linenos[k], raws[native[k]], roles_list[k], native_replies[k], found[k][2], found[k][3], None, None, k) for k in look]
-        items += [(*item, len(native) + j) for j, item in enumerate(others)]
+        items = [(native[k], linenos[k], raws[native[k]], roles_list[k], native_replies[k], found[k][2], found[k][3], None, None, k,
+                  _AS_READ(found[k][4])) for k in look]
+        items += [(*item, len(native) + j, False) for j, item in enumerate(others)]
         to_count: list[int] = []  # slots of rows whose tokens must be counted
-        for slot, lineno, raw, roles, replies, fp, to_eval, row, contents, k in items:
+        for slot, lineno, raw, roles, replies, fp, to_eval, row, contents, k, as_read in items:
             if k in suspects:
                 broken = first_broken_rule(suspects[k], replies, triggered=True)
                 if broken:
@@ -891,7 +921,7 @@ class _Examiner:
                     rendering = self._rendering(row["messages"], label, lineno, count=False)
                     if rendering[0] is not None and rendering[0] <= max_tokens:
                         to_count.append(slot)
-            examined[slot] = (lineno, None, fp, to_eval, bound, None, rendering)
+            examined[slot] = (lineno, None, fp, to_eval, bound, as_read, rendering)
         if to_count:  # one batched tokenizer call for the rows of this block that the bounds cannot decide
             for slot, n in zip(to_count, length.count([examined[slot][6][1] for slot in to_count])):
                 examined[slot] = (*examined[slot][:6], (*examined[slot][6][:3], n))
@@ -949,7 +979,7 @@ class _Examiner:
         bound = self.length.upper_bound_of(roles, contents)
 
         if verbatim:
-            kept_line = None  # already in output form: the raw line is copied, not re-serialised
+            kept_line = False  # already in output form: the raw line is copied, not re-serialised
         else:
             extra = {k: v for k, v in row.items() if k not in ROW_KEYS}
             kept_line = _dump_line({
@@ -1259,11 +1289,8 @@ class Cleaner:
             else:
                 where = duplicate_of[i]
                 reason, detail = "duplicate", f"same user+assistant text as {files[where >> 32]}:{where & 0xFFFFFFFF}"
-            if item[5] is None:  # a plain row (copied as read): strings only, so orjson's value is exact
-                row, strings_only = orjson.loads(raws[i]), True
-            else:
-                row, strings_only, _ = parse_line(raws[i])  # parsed again only for this reject record
-            rejects.append(_dump_line(_reject_record(reason, detail, row, None, label, item[0], source), strings_only))
+            rejects.append(_plain_reject_line(reason, detail, raws[i], label, item[0], source) if item[5] is None
+                           else _row_reject_line(reason, detail, raws[i], item[5] is False, label, item[0], source))
             dropped[reason] += 1
         if train:
             out.train.write(b"\n".join(train) + b"\n")
