@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/clean_throughput.py [--rows 100000] [--repeat 3] [--keep-data DIR]
 
 Generates N realistic ShareGPT rows (English and Chinese emotional-support dialogues of 1-3 turns,
-some with a system turn, ~10% exact duplicates, ~0.5% very long rows), then runs, each in its own
+some with a system turn, ~10% exact duplicates, ~0.5% very long rows), each line written as ingest
+writes data/raw/ (the clean stage's input), then runs, each in its own
 subprocess so that peak RSS is honest:
   seed   a faithful re-implementation of the seed's script (one `tokenizer(text)` call per row,
          a Python set of full-text (user, assistant) tuples, json.dumps per kept row);
@@ -104,7 +105,10 @@ SYSTEMS = ["You are a warm and patient emotional-support companion.", "你是一
 
 
 def generate(path: Path, n: int, seed: int = 0) -> dict:
-    """Write n rows (ingest's output format) to path; return what was generated."""
+    """Write n rows to path, each line as ingest writes it (core.io.dump_jsonl_line: compact JSON,
+    non-ASCII as is); return what was generated."""
+    from lorapipe.core.io import dump_jsonl_line
+
     rng = random.Random(seed)
     made: list[str] = []
     n_dup = n_long = 0
@@ -126,7 +130,7 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
                 if rng.random() < 0.005:  # a long row: a pasted diary of ~2.5-8k tokens
                     messages[-2]["content"] = sep.join(rng.choices(users, k=rng.randint(200, 400)))
                     n_long += 1
-                line = json.dumps({"messages": messages, "source": "bench", "origin": f"gen:{i + 1}"}, ensure_ascii=False)
+                line = dump_jsonl_line({"messages": messages, "source": "bench", "origin": f"gen:{i + 1}"})[:-1]
                 made.append(line)
             f.write(line + "\n")
     return {"rows": n, "duplicates": n_dup, "long": n_long, "bytes": path.stat().st_size}

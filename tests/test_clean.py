@@ -374,6 +374,31 @@ def test_parallel_workers_write_the_same_bytes_as_one_process(project, monkeypat
     assert outputs[1] == outputs[2]
 
 
+@pytest.mark.parametrize("failure", ["error", "death"])
+def test_a_worker_error_or_death_is_raised_in_the_parent(project, monkeypatch, failure):
+    """An exception in a worker comes back with its traceback; a worker that dies is reported; no hang."""
+    rows = [row(f"I feel sad about thing {i}", f"I'm sorry that thing {i} weighs on you.") for i in range(300)]
+    write_raw(project, "many", rows)
+    monkeypatch.setattr(clean, "_BLOCK_BYTES", 2000)
+    examine = clean._Examiner.block
+
+    def failing(self, label, source, first_lineno, block):
+        if first_lineno > 100:
+            if failure == "death":
+                os._exit(3)
+            raise LorapipeError(f"{label}:{first_lineno}: boom")
+        return examine(self, label, source, first_lineno, block)
+
+    monkeypatch.setattr(clean._Examiner, "block", failing)  # forked workers inherit it
+    monkeypatch.setattr(clean, "Settings", functools.partial(clean.Settings, workers=2))
+    expected = (LorapipeError, r"many\.jsonl:\d+: boom") if failure == "error" else (RuntimeError, r"worker process \d+ died \(exit code 3\)")
+    with pytest.raises(expected[0], match=expected[1]) as err:
+        run()
+    if failure == "error":
+        assert any("Traceback" in note and "failing" in note for note in err.value.__notes__)
+    assert not (project / "data" / "clean" / "train.jsonl").exists()  # nothing half-written
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("system_prompt", [None, "You are kind."])
 def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_prompt, native):

@@ -1032,23 +1032,37 @@ def _numbered(block: bytes, first_lineno: int) -> tuple[list[tuple[int, bytes]],
 # --------------------------------------------------------------------------- worker processes
 _BLOCK_BYTES = 1 << 20  # raw bytes per unit of work: ~1,000-5,000 rows, a few ms to hand over
 _PARALLEL_MIN_BYTES = 8 << 20  # below this, starting workers costs more than it saves
-_worker_examiner: _Examiner | None = None  # in a worker process: its copy of the parent's examiner
-_worker_files: dict[str, BinaryIO] = {}  # in a worker process: the input files it has open
 
 
-def _init_worker(examiner: _Examiner) -> None:
-    global _worker_examiner
-    _worker_examiner = examiner
+def _worker_loop(examiner: _Examiner, conn) -> None:
+    """A worker process: examine the blocks it is sent until told to stop (None) or its parent is
+    gone. It reads each block from the file itself (the page cache has it: the parent just read
+    it), so no block goes through the pipe; only the examined tuples travel back. Any error goes
+    back too, with its traceback, and is raised in the parent."""
+    files: dict[str, BinaryIO] = {}
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        label, source, path, offset, size, first_lineno = task
+        try:
+            f = files.get(path)
+            if f is None:
+                f = files[path] = open(path, "rb")
+            reply = (True, examiner.block(label, source, first_lineno, os.pread(f.fileno(), size, offset)))
+        except BaseException as exc:  # handed to the parent, which raises it
+            import traceback
 
-
-def _examine_block_in_worker(label: str, source: str, path: str, offset: int, size: int, first_lineno: int) -> list[tuple]:
-    """The worker reads the block from the file itself (the page cache has it: the parent just read
-    it), so no block is sent through a pipe; only the small examined tuples travel back."""
-    f = _worker_files.get(path)
-    if f is None:
-        f = _worker_files[path] = open(path, "rb")
-    block = os.pread(f.fileno(), size, offset)
-    return _worker_examiner.block(label, source, first_lineno, block)
+            detail = traceback.format_exc()
+            try:
+                conn.send((False, exc, detail))
+                continue
+            except Exception:  # an exception that cannot be pickled: its text instead
+                reply = (False, RuntimeError(f"{type(exc).__name__}: {exc}"), detail)
+        conn.send(reply)
 
 
 def worker_count(settings: Settings, files: list[Path]) -> int:
@@ -1104,41 +1118,80 @@ def idle_cpus(window: float = 0.2) -> int:
 class _ExaminerPool:
     """Examines the blocks of a file in worker processes; yields the results in input order.
 
+    Block j goes to worker j mod N, each worker answers its blocks in order, and the parent reads
+    the answer to the oldest block first: results come back in input order with no reordering.
     At most two blocks per worker are in flight, so memory stays a few blocks however large the
-    file. Workers are forked: they inherit the tokenizer and template without reloading them, and
-    gc.freeze() keeps the parent's objects out of their garbage collections, so those pages stay
-    shared instead of being copied into every worker.
+    file. The parent reads answers in its own thread: multiprocessing.Pool would add a task and a
+    result thread that contend for the GIL with the thread deciding the rows. Workers are forked:
+    they inherit the tokenizer and template without reloading them, and gc.freeze() keeps the
+    parent's objects out of their garbage collections, so those pages stay shared instead of being
+    copied into every worker.
     """
 
     def __init__(self, examiner: _Examiner, workers: int):
         examiner.length.cjk_profile()  # compute once here, not once per worker
-        self.workers = workers
+        context = multiprocessing.get_context("fork")
+        self.conns: list = []
+        self.procs: list = []
         gc.freeze()
         try:
-            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(examiner,))
+            for _ in range(workers):
+                parent_end, child_end = context.Pipe()
+                proc = context.Process(target=_worker_loop, args=(examiner, child_end), daemon=True)
+                proc.start()
+                child_end.close()
+                self.conns.append(parent_end)
+                self.procs.append(proc)
         except BaseException:
-            gc.unfreeze()
+            self.close()
             raise
 
     def examined(self, label: str, source: str, path: Path) -> Iterator[tuple[list[tuple[int, bytes]], list[tuple]]]:
         """(the block's _numbered() lines, their examined rows) for each block, in file order."""
-        pending: deque = deque()
+        pending: deque = deque()  # (numbered, worker index), oldest first
         lineno = 1
-        for offset, block in _blocks(path, _BLOCK_BYTES):
-            result = self.pool.apply_async(_examine_block_in_worker, (label, source, str(path), offset, len(block), lineno))
-            numbered, n_lines = _numbered(block, lineno)  # while a worker examines the block
-            pending.append((numbered, result))
+        for j, (offset, block) in enumerate(_blocks(path, _BLOCK_BYTES)):
+            w = j % len(self.conns)
+            try:
+                self.conns[w].send((label, source, str(path), offset, len(block), lineno))
+            except OSError:  # a broken pipe: the worker is gone
+                self._died(w)
+            numbered, n_lines = _numbered(block, lineno)  # while the worker examines the block
+            pending.append((numbered, w))
             lineno += n_lines
-            if len(pending) >= 2 * self.workers:
-                numbered, result = pending.popleft()
-                yield numbered, result.get()
+            if len(pending) >= 2 * len(self.conns):
+                yield self._answer(*pending.popleft())
         while pending:
-            numbered, result = pending.popleft()
-            yield numbered, result.get()
+            yield self._answer(*pending.popleft())
+
+    def _answer(self, numbered: list[tuple[int, bytes]], w: int) -> tuple[list[tuple[int, bytes]], list[tuple]]:
+        try:
+            reply = self.conns[w].recv()
+        except (EOFError, OSError):  # end of the pipe, or reset: the worker is gone
+            self._died(w)
+        if not reply[0]:
+            exc = reply[1]
+            exc.add_note(f"(raised in clean's worker process {self.procs[w].pid})\n{reply[2]}")
+            raise exc
+        return numbered, reply[1]
+
+    def _died(self, w: int) -> None:
+        self.procs[w].join(1)
+        raise RuntimeError(f"clean: worker process {self.procs[w].pid} died (exit code {self.procs[w].exitcode})") from None
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:  # the worker is gone already
+                pass
+        for proc in self.procs:
+            proc.join(1)  # at once when all answers were read; else (an error) it may be stuck sending one
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
         gc.unfreeze()
 
 
