@@ -467,11 +467,6 @@ class ChatLength:
             size = sum(map(self._size, contents))
         return overhead + size + 4 * len(contents) + 8
 
-    def overheads_for_loose_bound(self) -> dict[tuple[str, ...], int | None] | None:
-        """The cache of _overhead() per role sequence, or None when loose_bound() never applies
-        (a normalizer): a hot loop can inline loose_bound() with it."""
-        return None if self._normalizer is not None else self._overheads
-
     def loose_bound(self, roles: tuple[str, ...], line_bytes: int, limit: int) -> int | None:
         """A looser upper_bound() found without the contents, when it is <= limit; else None.
 
