@@ -338,7 +338,6 @@ static int role_of(const unsigned char **pp, const unsigned char *end) {
 
 #define MAX_TURNS 4096
 
-/* One line; returns a new reference to the result tuple, Py_None (new ref) if not taken, NULL on error. */
 typedef struct {
     const uint32_t *table;
     Py_ssize_t table_len;
@@ -348,6 +347,7 @@ typedef struct {
     int eval_all;           /* ... or always, when the cut is 2^64 or more */
 } Settings;
 
+/* One line; returns a new reference to the result tuple, Py_None (new ref) if not taken, NULL on error. */
 static PyObject *scan_line(const unsigned char *p, const unsigned char *end, const Settings *st,
                            Buf *fp, Py_ssize_t *reply_at, Py_ssize_t *reply_end, int *roles) {
     const uint32_t *table = st->table;
