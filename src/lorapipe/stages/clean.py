@@ -292,6 +292,7 @@ class RuleScan:
         self._literal_rules = [tuple(j for j, r in pattern_rules if lit in r.trigger) for lit in self._literals]
         widths = {j: _max_width(r.full_match) for j, r in pattern_rules if r.full_match is not None}
         self._max_width = {j: w for j, w in widths.items() if w is not None}  # bounded full_match patterns
+        self._full_match = {j: r.full_match for j, r in pattern_rules if r.full_match is not None}
         self._scanner = self._compile(self._literals)
 
     @staticmethod
@@ -327,7 +328,7 @@ class RuleScan:
                 for i in [i for i, r in enumerate(replies) if len(r) < cut]:
                     hits.setdefault(i, set()).add(j)
         if self._scanner is not None:
-            full_match = {j: r.full_match for j, r in enumerate(self.rules) if r.full_match is not None}
+            full_match = self._full_match
             cores: dict[int, str] = {}
             for k in self._scanner.Match("\n".join(replies)) or ():
                 literal, rule_ids = self._literals[k], self._literal_rules[k]
@@ -404,7 +405,7 @@ class ChatLength:
         backend = tok.backend_tokenizer
         self._normalizer = backend.normalizer
         self._overheads: dict[tuple[str, ...], int | None] = {}
-        self._cjk_profile: tuple[int, re.Pattern | None] | None = None  # on first use (decodes the vocabulary)
+        self._cjk_profile: tuple[int, np.ndarray] | None = None  # on first use (decodes the vocabulary)
         pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
         # Pre-tokenizers that never put two whitespace-separated words in one piece; an added
         # (special) token whose text holds whitespace could span two words, so none may.
@@ -502,8 +503,8 @@ class ChatLength:
             is_ideograph = _IDEOGRAPHS[np.minimum(codes, 0xFFFF)]  # (U+FFFF is none)
             ideographs = int(np.count_nonzero(is_ideograph))
             if ideographs:
-                k, _ = self.cjk_profile()
-                in_shared = int(np.count_nonzero(self._shared_ideographs[codes[is_ideograph]]))
+                k, shared = self.cjk_profile()
+                in_shared = int(np.count_nonzero(shared[codes[is_ideograph]]))
                 n = ideographs - in_shared + -(-in_shared // k)
         if self._splits_words:
             if not any(map(text.__contains__, "\x1c\x1d\x1e\x1f")):
@@ -513,10 +514,10 @@ class ChatLength:
                 n = max(n, len(_WORD_GAP.split(words)) if words else 0)
         return n
 
-    def cjk_profile(self) -> tuple[int, re.Pattern | None]:
-        """(K, shared): the most CJK ideographs any vocabulary entry holds, and a regex of the
-        ideographs that some entry holds together with another one (None if no entry holds two).
-        Decodes the vocabulary once."""
+    def cjk_profile(self) -> tuple[int, np.ndarray]:
+        """(K, shared): the most CJK ideographs any vocabulary entry holds, and the ideographs that
+        some entry holds together with another one, as a lookup table over the BMP (where all CJK
+        ideographs are): shared[ord(ch)]. Decodes the vocabulary once."""
         if self._cjk_profile is None:
             backend = self._tokenizer.backend_tokenizer
             most, shared = 1, set()
@@ -525,9 +526,9 @@ class ChatLength:
                 if len(ideographs) >= 2:
                     most = max(most, len(ideographs))
                     shared.update(ideographs)
-            self._cjk_profile = (most, re.compile("[" + "".join(sorted(shared)) + "]") if shared else None)
-            self._shared_ideographs = np.zeros(0x10000, dtype=bool)  # the same set, for lower_bound
-            self._shared_ideographs[[ord(ch) for ch in shared]] = True
+            table = np.zeros(0x10000, dtype=bool)
+            table[[ord(ch) for ch in shared]] = True
+            self._cjk_profile = (most, table)
         return self._cjk_profile
 
     def count(self, texts: list[str]) -> list[int]:
