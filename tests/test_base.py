@@ -30,7 +30,13 @@ def test_local_folder_is_copied_with_template_and_stop_ids(tmp_path, monkeypatch
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
     assert summary["source"] == str(src)
-    assert json.loads((out / "lorapipe_base.json").read_text())["resolved"] == str(src)  # as the user wrote it
+    # the folder's name and a digest of its content, never this machine's path
+    resolved = json.loads((out / "lorapipe_base.json").read_text())["resolved"]
+    assert resolved.startswith(f"local folder {src.name} (sha256 ") and str(src.parent) not in resolved
+    changed = tmp_path / "changed" / src.name
+    shutil.copytree(src, changed)
+    (changed / "config.json").write_text((changed / "config.json").read_text() + " ")
+    assert base.local_origin(changed) != resolved  # same name, other content: another origin
     assert not list(tmp_path.glob("models/.base*")), "no temporary folder left behind"
 
 

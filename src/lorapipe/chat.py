@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
-from lorapipe.core.hfmodel import END_OF_TURN_TOKENS, check_folder, stop_token_ids
+from lorapipe.core.hfmodel import END_OF_TURN_TOKENS, check_folder, load_causal_lm, load_tokenizer, stop_token_ids
 
 HELP = "chat with the model in the terminal (quantized GGUF via llama.cpp, or the merged HF model)"
 
@@ -133,14 +133,13 @@ class HFBackend:
     def __init__(self, folder: str | Path, *, trust_remote_code: bool = False, seed: int | None = None):
         self.folder = check_folder(folder, "the HF model (pass --model, or build models/merged with `dvc repro`)")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(self.folder, trust_remote_code)
         if not self.tok.chat_template:
             raise LorapipeError(f"{self.folder}: no chat template (neither chat_template.jinja nor a 'chat_template' "
                                 "in tokenizer_config.json); chat needs the template the model was trained with")
-        self.model = AutoModelForCausalLM.from_pretrained(self.folder, trust_remote_code=trust_remote_code).eval()
+        self.model = load_causal_lm(self.folder, trust_remote_code).eval()
         ids = stop_token_ids(self.tok)
         gen_eos = self.model.generation_config.eos_token_id
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:

@@ -59,10 +59,67 @@ def check_adapter(folder: str | Path) -> Path:
     return folder
 
 
-def architecture(folder: str | Path) -> str:
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    archs = config.get("architectures") or []
-    return archs[0] if archs else str(config.get("model_type", "unknown"))
+# ------------------------------------------------------------------------------ GGUF outtype
+# export.outtype values: the converter's unquantized types, and `auto` = per family (below).
+OUTTYPES = ("auto", "f16", "bf16", "q8_0", "f32")
+# Families whose activations overflow float16 at larger sizes (Gemma-3: transformers issue 36822;
+# upstream ships them in bf16): `auto` converts these to bf16, everything else to f16. ggml casts
+# a matmul's activations to the weights' type, so f16 weights mean f16 activations (max 65504).
+BF16_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+def resolve_outtype(outtype: str, model_dir: str | Path) -> str:
+    """The converter's --outtype for export.outtype (docs/toolchain.md, "fp16 overflow")."""
+    if outtype not in OUTTYPES:
+        raise LorapipeError(f"export.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if outtype != "auto":
+        return outtype
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return "bf16" if config.get("model_type") in BF16_FAMILIES else "f16"
+
+
+# ---------------------------------------------------------------------------------- remote code
+TRUST_KEY = "model.trust_remote_code"  # the one switch that lets any stage or command run a model's own code
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")  # files whose `auto_map` names the code to run
+
+
+def own_code(folder: str | Path) -> list[str]:
+    """What in `folder` would make transformers run the model's own code: `auto_map` entries in its
+    configs and *.py files beside them. Empty for a plain folder."""
+    folder = Path(folder)
+    found = sorted(p.name for p in folder.glob("*.py"))
+    for name in CODE_CONFIGS:
+        path = folder / name
+        if path.is_file():
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+            if auto_map:
+                found.append(f"{name} auto_map ({', '.join(sorted(auto_map))})")
+    return found
+
+
+def check_trust(folder: str | Path, trust_remote_code: bool) -> bool:
+    """Refuse a folder that carries its own code unless the user opted in; return the flag to pass
+    to transformers. Checked before transformers reads the folder, whatever transformers would do."""
+    code = own_code(folder)
+    if code and not trust_remote_code:
+        raise LorapipeError(
+            f"{folder}: the model carries its own code ({'; '.join(code)}), which lorapipe runs only when "
+            f"{TRUST_KEY}: true is set in params.yaml. Set it only if you trust that code.")
+    return bool(trust_remote_code)
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=check_trust(folder, trust_remote_code))
+
+
+def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM from a local folder (safetensors only), remote code only when trusted."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=check_trust(folder, trust_remote_code),
+                                                use_safetensors=True, **kwargs)
 
 
 def restore_added_tokens_decoder(folder: str | Path) -> int:

