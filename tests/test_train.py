@@ -206,6 +206,29 @@ def test_same_params_and_data_give_byte_identical_adapter(trained):
     assert len(targets) >= 7 and targets == sorted(targets)
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(trained, tiny_model, tmp_path):
+    """train.gradient_checkpointing recomputes activations instead of keeping them: same run, same
+    losses (dropout's RNG is replayed by non-reentrant checkpointing)."""
+    from lorapipe.stages import train
+
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(model.get_base_model().is_activation_checkpointing)
+
+    root = _workdir(tmp_path, tiny_model("llama"), _rows(24), _rows(4))
+    with contextlib.chdir(root):
+        train.run(_params(eval_steps=2, gradient_checkpointing=True), callbacks=[Record()])
+    assert seen == [True] * 4
+    plain = json.loads((trained[0][0] / "metrics/train.json").read_text())
+    checkpointed = json.loads((root / "metrics/train.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_loss_base"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
 def test_changed_config_discards_stale_checkpoints(tmp_path):
     from lorapipe.stages.train import last_checkpoint, prepare_checkpoints
 

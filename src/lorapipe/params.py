@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorapipe.core.hfmodel import OUTTYPES
+
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message names the file and the key."""
@@ -152,6 +154,9 @@ class TrainParams(Section):
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization_bit: Literal[4, 8] | None = None
+    # Recompute activations in the backward pass instead of keeping them: the memory switch for long
+    # cutoff_len on a GPU (docs/gpu.md); also passed to QLoRA's prepare_model_for_kbit_training.
+    gradient_checkpointing: bool = False
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(0, ge=0)  # 0 = evaluate at the end only
     save_steps: int = Field(10, gt=0)
@@ -182,17 +187,17 @@ class ParityParams(Section):
     # rounding (max |Δlogit| ~0.003 measured) flips near-ties, and a chat prompt has some.
     min_argmax_agreement: float = Field(0.98, ge=0, le=1)
     min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
+    # Greedy answer length for the stop check: the GGUF must end its answer wherever the HF merged
+    # model ends its own within this many tokens (it gets twice as many, for near-tie detours).
     max_new_tokens: int = Field(64, gt=0)
-    # Share of eval prompts on which greedy generation from the GGUF must end on EOS/EOT within
-    # max_new_tokens. The stock SmolLM2-135M-Instruct never stopped within 256 greedy tokens on 4
-    # support prompts (it loops); the default fine-tune stops on all of them. 0 = report only.
-    min_stop_fraction: float = Field(0.5, ge=0, le=1)
 
 
 class ExportParams(Section):
-    outtype: Literal["f16", "bf16", "q8_0", "f32"] = "f16"
+    # auto = bf16 for families that overflow fp16 (core/hfmodel.BF16_FAMILIES), f16 for the rest
+    outtype: Literal[OUTTYPES] = "auto"
     quant: str = "q4_k_m"
     imatrix: bool = True
+    threads: int = Field(2, gt=0)  # CPU threads of llama-imatrix, llama-quantize and the parity gate
     name: str = "lorapipe-model"
     description: str = "LoRA fine-tuned chat model built by lorapipe"
     parity: ParityParams = ParityParams()
@@ -205,8 +210,11 @@ class EvaluateParams(Section):
     ctx: int = Field(256, gt=0)
     max_chunks: int = Field(16, gt=0)
     threads: int = Field(2, gt=0)  # CPU threads for every timed or scored run (HF and llama.cpp)
-    max_ppl_delta_pct: float = 5.0  # gate: quantized vs F16 GGUF perplexity increase, %
+    max_ppl_delta_pct: float = 5.0  # gate: quantized vs F16 GGUF perplexity change, % (up or down)
     max_ppl_f16_vs_hf_pct: float = 0.5  # gate: |F16 GGUF - HF merged| perplexity, % (conversion check)
+    # gate: share of the fine-tune the quantized model keeps, 1 - KLD(merged||quant) / KLD(merged||base)
+    # on assistant tokens (core/assistant_scores.py); 0 = the quantized file predicts like the base.
+    min_finetune_kept: float = Field(0.5, le=1)
     max_new_tokens: int = Field(64, gt=0)  # reports/samples.md answers (greedy decoding dominates the stage's time)
     speed_prompt_tokens: int = Field(64, gt=0)  # prompt-processing speed test length
     speed_gen_tokens: int = Field(32, gt=1)  # decode speed test length

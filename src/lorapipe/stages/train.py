@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from lorapipe.core import paths
+from lorapipe.core import hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
@@ -242,7 +242,7 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
             raise LorapipeError(f"{split}: missing; run `lorapipe clean` first")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainingArguments, set_seed
+    from transformers import GenerationConfig, TrainingArguments, set_seed
     from transformers.trainer_utils import SchedulerType
 
     from lorapipe.core import sft
@@ -252,7 +252,8 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
                             + ", ".join(s.value for s in SchedulerType))
 
     # ---- data: tokenise with the chat template, assistant-only labels
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    trust = params.model.trust_remote_code
+    tokenizer = hfmodel.load_tokenizer(base_dir, trust)
     sft.resolve_chat_template(tokenizer, base_dir, tp.chat_template)
     try:
         gen_cfg = GenerationConfig.from_pretrained(base_dir)
@@ -308,6 +309,12 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+        # recompute activations in the backward pass: less memory for more compute (docs/gpu.md)
+        # (transformers 5 calls gradient checkpointing "activation checkpointing"; our param keeps the
+        # name LLaMA-Factory and peft users know.) Non-reentrant: works with a frozen base whose inputs
+        # need no grad (LoRA), and replays dropout's RNG.
+        activation_checkpointing=tp.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if tp.gradient_checkpointing else None,
     )
     state = args.distributed_state
     main = state.is_main_process
@@ -332,9 +339,9 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         )
         load_kwargs["device_map"] = {"": state.local_process_index}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if cuda else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **load_kwargs)
+    model = hfmodel.load_causal_lm(base_dir, trust, dtype=dtype, **load_kwargs)
     if tp.quantization_bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
     target_modules = lora_targets(model, lp.target)
     native = type(model).__module__.startswith("transformers.")
     supports_keep = native and "logits_to_keep" in inspect.signature(model.forward).parameters
