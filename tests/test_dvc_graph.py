@@ -114,10 +114,13 @@ def test_code_deps_are_exactly_the_imported_modules():
 
 
 def test_params_are_own_section_and_exist():
+    # model.trust_remote_code is the one opt-in that lets a stage run a model's own code: every stage
+    # that loads the model through transformers reads it (and reruns when it changes).
+    trust = "model.trust_remote_code"
     own = {
         "base": ("model",), "ingest": ("data.sources",), "clean": ("data.clean", "data.split"),
-        "train": ("train", "lora"), "merge": ("merge",), "convert": ("export",), "quantize": ("export",),
-        "evaluate": ("evaluate", "export.outtype", "export.quant"), "package": ("package", "chat", "export.quant"),
+        "train": ("train", "lora", trust), "merge": ("merge", trust), "convert": ("export", trust), "quantize": ("export", trust),
+        "evaluate": ("evaluate", "export.outtype", "export.quant", trust), "package": ("package", "chat", "export.quant"),
     }
     p = params_mod.load(REPO_ROOT / "params.yaml").model_dump()
     for name, stage in load_stages().items():

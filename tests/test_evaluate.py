@@ -68,7 +68,7 @@ def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):
     from lorapipe.stages import evaluate
 
     monkeypatch.chdir(workspace)
-    summary = evaluate.run(params_mod.parse({"evaluate": FAST}))
+    summary = evaluate.run(params_mod.parse({"evaluate": FAST, "export": {"outtype": "f16"}}))
     m = json.loads((workspace / evaluate.METRICS).read_text())
 
     # the conversion check: F16 GGUF (llama-perplexity) vs HF merged (torch), same tokens and chunks
@@ -83,9 +83,18 @@ def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):
         assert m[key] > 0 and math.isfinite(m[key]), key
     assert summary["ppl_quant"] == m["ppl_quant"]
 
+    # assistant tokens only, the same ids for every variant (train's masking)
+    assert m["assistant_tokens"] > 0
+    for key in ("hf_base", "hf_merged", "f16", "quant"):
+        assert math.isfinite(m[f"loss_assistant_{key}"]) and m[f"loss_assistant_{key}"] > 0, key
+    assert abs(m["loss_assistant_f16"] - m["loss_assistant_hf_merged"]) < 0.01 * m["loss_assistant_hf_merged"]
+    assert m["kld_assistant_f16_vs_merged"] < m["kld_assistant_hf_base_vs_merged"]  # F16 is the merged model
+    assert m["kld_assistant_quant_vs_merged"] >= 0
+
     variants = json.loads((workspace / evaluate.PLOT).read_text())
     assert [v["variant"] for v in variants] == ["base (HF)", "merged (HF)", "f16 (GGUF)", "q4_k_m (GGUF)"]
     assert variants[3]["ppl"] == m["ppl_quant"] and variants[3]["size_mb"] == m["size_quant_mb"]
+    assert variants[1]["ppl_assistant"] == pytest.approx(math.exp(m["loss_assistant_hf_merged"]))
 
     samples = (workspace / evaluate.SAMPLES).read_text()
     for prompt in PROMPTS:
@@ -99,8 +108,29 @@ def test_quantization_gate_fails_above_threshold(workspace):
     from lorapipe.stages.evaluate import evaluate
 
     ep = params_mod.EvaluateParams(**{**FAST, "max_ppl_delta_pct": -100.0})  # any quantization "costs" more
-    with pytest.raises(LorapipeError, match=r"quantization gate failed.*evaluate\.max_ppl_delta_pct = -100"):
+    with pytest.raises(LorapipeError, match=r"(?s)quantization gate failed.*costs too much.*evaluate\.max_ppl_delta_pct = -100"):
         evaluate(ep, **run_kwargs(workspace))
+
+
+def test_gates_name_the_cause_with_the_figures_of_a_lost_fine_tune():
+    """The figures of a real Gemma-3-270M run whose Q4_K_M file had snapped back to the base it came
+    from: perplexity far *below* its own F16, and most of the fine-tune gone."""
+    from pathlib import Path
+
+    from lorapipe.core.assistant_scores import Scores
+    from lorapipe.stages.evaluate import quantization_gates
+
+    ep = params_mod.EvaluateParams()
+    scores = {"hf_merged": Scores(4.16, None), "hf_base": Scores(5.31, 0.35), "quant": Scores(5.2, 0.33)}
+    kept = 1 - 0.33 / 0.35
+    failures = quantization_gates(ep, quant_gguf=Path("models/gguf/model-q4_k_m.gguf"), ref_gguf=Path("model-f16.gguf"),
+                                  ppl_ref=5.497, ppl_quant=5.006, kld_full=0.079, scores=scores, kept=kept)
+    assert len(failures) == 2
+    assert re.search(r"perplexity 5.0060 is 8.93 % \*below\* its own unquantized file's .*most likely the base", failures[0])
+    assert re.search(r"lost the fine-tune: it kept 6% of it \(limit evaluate.min_finetune_kept = 50%\).*0.3300.*0.3500.*"
+                     r"q4_k_m grid.*export.quant: q6_k or q8_0.*full-precision base", failures[1])
+    assert quantization_gates(ep, quant_gguf=Path("q.gguf"), ref_gguf=Path("f.gguf"), ppl_ref=4.093, ppl_quant=4.17,
+                              kld_full=0.02, scores=scores, kept=0.7) == []
 
 
 def test_short_eval_split_shrinks_context_and_still_agrees(workspace, tmp_path):

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 # Random tiny models have nearly flat logits: Q4_K_M flips many argmaxes (gemma3 256: 0.51 measured),
 # so the quant threshold here only guards against a broken file; F16 parity stays strict.
-PARITY = ParityParams(n_prompts=3, max_new_tokens=4, min_stop_fraction=0.0, min_argmax_agreement_quant=0.4, max_abs_logit_diff=0.02)
+PARITY = ParityParams(n_prompts=3, max_new_tokens=4, min_argmax_agreement_quant=0.4, max_abs_logit_diff=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
     from lorapipe.core.templates import GEMMA
 
     out = tmp_path_factory.mktemp("sp-tokenizer")
-    sentencepiece_model_from_vocab_gguf(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", out / "tokenizer.model")
+    gguf_meta.sentencepiece_model(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": "<unk>", "add_bos_token": True}))
@@ -127,90 +127,3 @@ def test_stage_runs_on_repo_paths(tiny_adapter, tmp_path, monkeypatch):
     assert metrics["imatrix"] is True and metrics["parity"]["passed"] is True
     assert metrics["tensor_types"] == {"F32": 5, "Q8_0": 15}
     assert sorted(os.listdir("models/gguf")) == ["model-Q8_0.gguf", "model-f16.gguf"]
-
-
-# ------------------------------------------------------------------------------------ MiniCPM-1
-def sentencepiece_model_from_vocab_gguf(vocab_gguf: Path, out: Path) -> Path:
-    """Rebuild a SentencePiece tokenizer.model from a vocab-only GGUF (pieces, scores and types are
-    the original model's; the specs are LLaMA's BPE + byte fallback). No SentencePiece model file
-    ships with any installed package, but the pinned llama.cpp tree carries LLaMA's vocabulary."""
-    from gguf import GGUFReader
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    fields = GGUFReader(vocab_gguf).fields
-    proto = pb.ModelProto()
-    for piece, score, kind in zip(fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents(),
-                                  fields["tokenizer.ggml.token_type"].contents()):
-        p = proto.pieces.add()
-        p.piece, p.score, p.type = piece, float(score), int(kind)  # GGUF token types use SentencePiece's enum
-    spec = proto.trainer_spec
-    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
-    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
-    norm = proto.normalizer_spec
-    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, False, True
-    out.write_bytes(proto.SerializeToString())
-    return out
-
-
-def test_minicpm1_converts_and_matches_its_reference_forward(tmp_path):
-    """MiniCPM-1 has no transformers class (remote code only), so the tiny model is written as the
-    checkpoint layout MiniCPM uses (Llama tensor names + scale_emb / scale_depth / dim_model_base) and
-    its HF-side reference is MiniCPM's forward expressed exactly as an untied Llama with the three
-    scales folded into the weights. Checks the converter's MiniCPM path, llama.cpp's tokenization
-    against SentencePiece's, and logits; the merge stage itself needs the remote modeling code."""
-    import math
-
-    import torch
-    from safetensors.torch import save_file
-    from sentencepiece import SentencePieceProcessor
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorapipe.core import parity
-    from lorapipe.core.templates import QWEN
-
-    folder = tmp_path / "minicpm"
-    folder.mkdir()
-    sp = sentencepiece_model_from_vocab_gguf(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", folder / "tokenizer.model")
-    hidden, layers, scale_emb, scale_depth, dim_model_base = 64, 2, 12.0, 1.4, 256  # MiniCPM-1's scales
-    cfg = dict(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-               num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
-    torch.manual_seed(0)
-    tied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=True)).eval()
-    save_file({k: v.contiguous() for k, v in tied.state_dict().items() if k != "lm_head.weight"}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({
-        **cfg, "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "hidden_act": "silu", "tie_word_embeddings": True,
-        "scale_emb": scale_emb, "scale_depth": scale_depth, "dim_model_base": dim_model_base, "bos_token_id": 1, "eos_token_id": 2}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>", "add_bos_token": True}))
-    (folder / "chat_template.jinja").write_text(QWEN)  # the seed trains MiniCPM-1 with LLaMA-Factory's `qwen` template
-
-    result = convert.convert(folder, tmp_path / "model-f16.gguf", "f16", name="tiny-minicpm")
-    assert result["arch"] == "minicpm" and (result["bos_id"], result["eos_id"]) == (1, 2)
-
-    reference = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False)).eval()
-    residual = scale_depth / math.sqrt(layers)
-    with torch.no_grad():
-        reference.load_state_dict(tied.state_dict(), strict=False)
-        emb = tied.model.embed_tokens.weight
-        reference.model.embed_tokens.weight.copy_(emb * scale_emb)
-        reference.lm_head.weight.copy_(emb / (hidden / dim_model_base))
-        for layer in reference.model.layers:
-            layer.self_attn.o_proj.weight.mul_(residual)
-            layer.mlp.down_proj.weight.mul_(residual)
-
-    text = "I have been feeling lonely since I moved. 最近工作压力很大。"
-    q4 = tmp_path / "model-q4_k_m.gguf"
-    quantize.quantize_file(tmp_path / "model-f16.gguf", q4, "Q4_K_M")
-    llm = parity.load_gguf(tmp_path / "model-f16.gguf", n_ctx=64)
-    ids = llm.tokenize(text.encode(), add_bos=True, special=False)
-    assert ids == [1] + SentencePieceProcessor(model_file=str(sp)).encode(text)
-    with torch.no_grad():
-        hf = reference(torch.tensor([ids])).logits[0].numpy()
-    max_diff, agreement = parity.compare_logits(hf, parity.gguf_logits(llm, ids))
-    llm.close()
-    q = parity.load_gguf(q4, n_ctx=64)
-    _, q_agreement = parity.compare_logits(hf, parity.gguf_logits(q, ids))
-    q.close()
-    print(f"\nPARITY minicpm hidden={hidden}: f16 max|dlogit|={max_diff:.4g} argmax={agreement:.3f}; Q4_K_M argmax vs HF={q_agreement:.3f}")
-    assert max_diff < 0.01 and agreement == 1.0 and q_agreement >= 0.4

@@ -41,7 +41,6 @@ def tiny_params(model_dir: Path) -> dict:
     # gate is opened wide here; the gate itself is tested in test_evaluate.
     p["evaluate"]["max_ppl_delta_pct"] = 1000.0
     p["export"]["parity"]["min_argmax_agreement_quant"] = 0.0
-    p["export"]["parity"]["min_stop_fraction"] = 0.0  # a random model never learned to stop
     return p
 
 
@@ -165,6 +164,8 @@ OWNER = {
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
     "export.outtype": {"convert", "quantize", "evaluate"}, "export.name": {"convert"}, "export.description": {"convert"},
     "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
+    "export.threads": {"quantize"},
+    "model.trust_remote_code": {"base", "train", "merge", "convert", "quantize", "evaluate"},
     "evaluate": {"evaluate"}, "chat": {"package"}, "serve": set(), "package": {"package"},
 }
 

@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lorapipe.core import hfmodel, paths
+from lorapipe.core import gguf_meta, hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
@@ -84,6 +84,10 @@ def _save_from_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # A SentencePiece vocabulary (Gemma, Llama-2, MiniCPM) gets its tokenizer.model back, so the
+    # converter takes the SentencePiece route its family uses rather than guessing a BPE one.
+    if gguf_meta.sentencepiece_model(gguf, out / "tokenizer.model"):
+        info(f"[base] {gguf.name}: SentencePiece vocabulary, tokenizer.model rebuilt from it")
 
 
 def _check_local_folder(folder: Path, trust_remote_code: bool) -> list[str]:
@@ -186,6 +190,12 @@ def _finish_folder(params, out: Path) -> dict:
 
     template, name = _resolve_template(params, out)
     tokenizer = hfmodel.load_tokenizer(out, params.model.trust_remote_code)
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token and "bos_token" not in template:
+        # The tokenizer puts BOS first (Llama-2, MiniCPM) but the template does not write it: transformers
+        # renders chat text without it (train would learn without BOS) while llama.cpp adds it. Writing
+        # it in the template gives every stage, and the GGUF, the same first token.
+        template = "{{ bos_token }}" + template
+        name = None
     tokenizer.chat_template = template
     stop = _stop_token(template, name)
     eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -198,7 +208,16 @@ def _finish_folder(params, out: Path) -> dict:
     if tokenizer.pad_token is None:
         # Training batches need a pad id; the eos token is never attended to as padding (masked).
         tokenizer.pad_token = tokenizer.eos_token
+    config_path = out / "tokenizer_config.json"
+    original = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     tokenizer.save_pretrained(out)
+    # transformers 5 re-saves tokenizer_config.json without keys it no longer writes (legacy,
+    # add_bos_token, ...), yet reads them: without `legacy: true` a reload puts no "▁" after special
+    # tokens, which the checkpoint's own tokenizer (and llama.cpp) do. Keep every key the checkpoint had.
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    lost = {k: v for k, v in original.items() if k not in saved and k != "chat_template"}
+    if lost:
+        config_path.write_text(json.dumps({**saved, **lost}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     try:
         gen = GenerationConfig.from_pretrained(out)

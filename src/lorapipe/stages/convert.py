@@ -24,8 +24,6 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path
 from lorapipe.core.log import info
 
-OUTTYPES = ("f16", "bf16", "q8_0", "f32")
-
 PRETOKENIZER_HINT = (
     "hint: llama.cpp's converter identifies a BPE tokenizer by hashing how it tokenizes a fixed text; "
     "a tokenizer trained or modified locally never matches. Keep the base model's original tokenizer "
@@ -76,11 +74,12 @@ def check_gguf_metadata(path: Path, shown: Path | None = None) -> dict:
 
 
 def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, name: str = "lorapipe-model",
-            description: str = "", timeout: float | None = None) -> dict:
+            description: str = "", trust_remote_code: bool = False, timeout: float | None = None) -> dict:
     merged_dir, out_path = Path(merged_dir), Path(out_path)
-    if outtype not in OUTTYPES:
-        raise LorapipeError(f"export.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
     hfmodel.check_folder(merged_dir, "the merged model (run `lorapipe merge`)")
+    # The converter loads some tokenizers with trust_remote_code=True: it runs no code we were not allowed to.
+    hfmodel.check_trust(merged_dir, trust_remote_code)
+    outtype = hfmodel.resolve_outtype(outtype, merged_dir)
 
     converter = llamacpp.converter()
     with tempfile.TemporaryDirectory(prefix="lorapipe-convert-") as work, atomic_path(out_path) as tmp:
@@ -111,6 +110,7 @@ def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
 
 def run(params) -> dict:
     ex = params.export
-    result = convert(paths.MERGED_DIR, paths.gguf_path(ex.outtype), ex.outtype, name=ex.name, description=ex.description)
+    result = convert(paths.MERGED_DIR, paths.gguf_path(ex.outtype), ex.outtype, name=ex.name, description=ex.description,
+                     trust_remote_code=params.model.trust_remote_code)
     result.pop("tensor_types")
     return result

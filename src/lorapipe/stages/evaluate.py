@@ -15,11 +15,10 @@ variant for `dvc plots`), reports/samples.md. A failed gate writes none of them.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from lorapipe.core import hfmodel, inference_speed, parity, paths
+from lorapipe.core import assistant_scores, hfmodel, inference_speed, parity, paths
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
@@ -43,15 +42,10 @@ def check_inputs(eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: P
     check_gguf(quant_gguf, "it is made by stage quantize (`lorapipe quantize`)")
 
 
-def load_hf(folder: Path):
+def load_hf(folder: Path, trust_remote_code: bool):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    # A folder with `auto_map` needs its own modelling code; stage base only wrote such a folder because
-    # the user set model.trust_remote_code, so evaluating the same code again asks nothing new.
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code="auto_map" in config)
-    return model.eval()
+    return hfmodel.load_causal_lm(folder, trust_remote_code, dtype=torch.float32).eval()
 
 
 def hf_weights_mb(folder: Path) -> float:
@@ -126,16 +120,45 @@ def pct(a: float, b: float) -> float:
     return (a - b) / b * 100.0
 
 
+def quantization_gates(ep, *, quant_gguf: Path, ref_gguf: Path, ppl_ref: float, ppl_quant: float, kld_full: float,
+                       scores: dict[str, assistant_scores.Scores], kept: float | None) -> list[str]:
+    """What is wrong with the quantized file, each failure naming the cause and what to change."""
+    failures = []
+    delta = pct(ppl_quant, ppl_ref)
+    loss = ", ".join(f"{k} {v.loss:.4f}" for k, v in scores.items())
+    if delta > ep.max_ppl_delta_pct:
+        failures.append(
+            f"{quant_gguf}: quantization costs too much: perplexity {ppl_quant:.4f} vs {ppl_ref:.4f} for {ref_gguf.name} "
+            f"is {delta:+.2f} % (limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} %), KLD {kld_full:.4f}. "
+            "Use export.imatrix: true or a finer type (export.quant: q5_k_m, q6_k or q8_0).")
+    if delta < -ep.max_ppl_delta_pct:
+        failures.append(
+            f"{quant_gguf}: perplexity {ppl_quant:.4f} is {-delta:.2f} % *below* its own unquantized file's ({ppl_ref:.4f}, "
+            f"{ref_gguf.name}; limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} % either way). Quantization "
+            "does not make a model better: the quantized file predicts like another model, most likely the base "
+            f"(finetune_kept {'n/a' if kept is None else f'{kept:.2f}'}; assistant-token loss: {loss}).")
+    if kept is not None and kept < ep.min_finetune_kept:
+        failures.append(
+            f"{quant_gguf}: the quantized model lost the fine-tune: it kept {kept:.0%} of it (limit "
+            f"evaluate.min_finetune_kept = {ep.min_finetune_kept:.0%}): on the eval assistant tokens its predictions are "
+            f"{scores['quant'].kld:.4f} (KLD) away from the fine-tuned model's, the base model's {scores['hf_base'].kld:.4f}. "
+            f"Assistant-token loss: {loss}. Quantizing rounds the merged weights onto the {quant_gguf.stem[6:]} grid; "
+            "a base that came from a quantized GGUF already sits on such a grid, and a LoRA update smaller than half "
+            "a step is rounded back to the base. Remedies: a finer type (export.quant: q6_k or q8_0), a "
+            "full-precision base (model.source: an HF folder or hub id rather than a quantized .gguf), or a "
+            "stronger fine-tune (train.max_steps, train.lr, lora.rank).")
+    return failures
+
+
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
-             quant_name: str, ref_name: str = "f16") -> tuple[dict, list[dict], str]:
+             quant_name: str, ref_name: str = "f16", trust_remote_code: bool = False) -> tuple[dict, list[dict], str]:
     """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails."""
     import torch
-    from transformers import AutoTokenizer
 
     check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
     torch.set_num_threads(ep.threads)
     quant_label, ref_label = quant_name.lower(), ref_name.lower()
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
     rows = ppl.read_eval_rows(eval_jsonl)
     if not rows:
         raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
@@ -154,21 +177,26 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         ppl_ref = ppl.gguf_perplexity(ref_gguf, text_file, plan, ep.threads, logits_file)
         kld = ppl.gguf_kl_divergence(quant_gguf, logits_file, plan, ep.threads)
 
+    # Assistant tokens only, the same ids for every variant; the merged model is the reference.
+    examples = assistant_scores.examples(rows, tokenizer, ep.ctx, plan.scored)
+    if not examples:
+        raise LorapipeError(f"{eval_jsonl}: no assistant token within evaluate.ctx = {ep.ctx} tokens in any row")
+    n_assistant = sum(len(assistant_scores.positions(e)[0]) for e in examples)
+    reference: list = []
+
     info("evaluate: HF merged model")
-    merged = load_hf(merged_dir)
+    merged = load_hf(merged_dir, trust_remote_code)
     ppl_merged = ppl.hf_perplexity(merged, stream, plan)
     ref_vs_hf = pct(ppl_ref, ppl_merged)
     if abs(ref_vs_hf) > ep.max_ppl_f16_vs_hf_pct:
         raise LorapipeError(
             f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
             f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
-            f"{plan.scored} tokens: the conversion is wrong (rerun `lorapipe convert`; check the quantize parity metrics)")
-    delta = pct(kld.ppl, ppl_ref)
-    if delta > ep.max_ppl_delta_pct:
-        raise LorapipeError(
-            f"{quant_gguf}: quantization gate failed: perplexity {kld.ppl:.4f} vs {ppl_ref:.4f} for {ref_gguf.name} "
-            f"is {delta:+.2f} % (limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} %); KLD {kld.kld:.4f}, "
-            f"same top token {kld.same_top_pct:.1f} %. Try export.imatrix: true or a larger type (export.quant, e.g. q5_k_m / q8_0)")
+            f"{plan.scored} tokens: the converted file computes another model. Check the quantize parity metrics "
+            "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
+            "bf16 or auto; then rerun `lorapipe convert`.")
+    info(f"evaluate: assistant-token loss and KLD on {n_assistant} tokens of {len(examples)} rows")
+    scores = {"hf_merged": assistant_scores.score(assistant_scores.hf_logits(merged, examples), examples, keep=reference)}
 
     info("evaluate: HF merged model speed and samples")
     speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
@@ -177,10 +205,26 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     del merged
 
     info("evaluate: HF base model")
-    base = load_hf(base_dir)
+    base = load_hf(base_dir, trust_remote_code)
     ppl_base = ppl.hf_perplexity(base, stream, plan)
+    scores["hf_base"] = assistant_scores.score(assistant_scores.hf_logits(base, examples), examples, reference)
     answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
     del base
+
+    for key, path in ((ref_label, ref_gguf), ("quant", quant_gguf)):
+        info(f"evaluate: assistant-token loss of {path.name}")
+        scores[key] = assistant_scores.score(assistant_scores.gguf_logits(path, examples, ep.threads), examples, reference)
+    # A fine-tune that hardly moved the model leaves nothing to lose: the ratio would be noise.
+    kept = (assistant_scores.finetune_kept(scores["quant"].kld, scores["hf_base"].kld)
+            if scores["hf_base"].kld >= assistant_scores.MIN_FINETUNE_KLD else None)
+    if kept is None:
+        info(f"evaluate: warning: the fine-tune moved the model by only {scores['hf_base'].kld:.5f} (KLD from the base "
+             "on assistant tokens); finetune_kept is not measured")
+    failures = quantization_gates(ep, quant_gguf=quant_gguf, ref_gguf=ref_gguf, ppl_ref=ppl_ref, ppl_quant=kld.ppl,
+                                  kld_full=kld.kld, scores=scores, kept=kept)
+    if failures:
+        raise LorapipeError("evaluate: quantization gate failed (nothing was written):\n" + "\n".join(failures))
+    delta = pct(kld.ppl, ppl_ref)
 
     info(f"evaluate: {quant_label} samples and GGUF speed (llama-bench)")
     answers[f"{quant_label} (GGUF)"] = gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)
@@ -204,6 +248,10 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         f"ppl_{ref_label}_vs_hf_pct": ref_vs_hf,
         "ppl_delta_pct": delta,
         "ppl_merged_vs_base_pct": pct(ppl_merged, ppl_base),
+        "assistant_tokens": n_assistant,
+        **{f"loss_assistant_{k}": v.loss for k, v in scores.items()},
+        **{f"kld_assistant_{k}_vs_merged": v.kld for k, v in scores.items() if v.kld is not None},
+        "finetune_kept": kept,
         f"kld_quant_vs_{ref_label}": kld.kld,
         "same_top_token_pct": kld.same_top_pct,
         "rms_dp_pct": kld.rms_dp_pct,
@@ -223,11 +271,13 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         "samples_total": sum(len(per) for per in answers.values()),
     }
     variants = [
-        {"variant": "base (HF)", "ppl": ppl_base, "size_mb": hf_weights_mb(base_dir), "decode_tok_s": None},
-        {"variant": "merged (HF)", "ppl": ppl_merged, "size_mb": metrics["size_hf_merged_mb"],
-         "decode_tok_s": hf_speed["decode_tok_s"]},
-        {"variant": f"{ref_label} (GGUF)", "ppl": ppl_ref, "size_mb": size_ref, "decode_tok_s": speed[ref_label]["decode_tok_s"]},
-        {"variant": f"{quant_label} (GGUF)", "ppl": kld.ppl, "size_mb": size_quant,
+        {"variant": "base (HF)", "ppl": ppl_base, "ppl_assistant": scores["hf_base"].ppl,
+         "size_mb": hf_weights_mb(base_dir), "decode_tok_s": None},
+        {"variant": "merged (HF)", "ppl": ppl_merged, "ppl_assistant": scores["hf_merged"].ppl,
+         "size_mb": metrics["size_hf_merged_mb"], "decode_tok_s": hf_speed["decode_tok_s"]},
+        {"variant": f"{ref_label} (GGUF)", "ppl": ppl_ref, "ppl_assistant": scores[ref_label].ppl, "size_mb": size_ref,
+         "decode_tok_s": speed[ref_label]["decode_tok_s"]},
+        {"variant": f"{quant_label} (GGUF)", "ppl": kld.ppl, "ppl_assistant": scores["quant"].ppl, "size_mb": size_quant,
          "decode_tok_s": speed[quant_label]["decode_tok_s"]},
     ]
     return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
@@ -235,14 +285,16 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
 def run(params) -> dict:
     ex = params.export
+    ref_type = hfmodel.resolve_outtype(ex.outtype, paths.MERGED_DIR)  # the label of the converted file's figures
     metrics, variants, samples = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.gguf_path(ex.quant), quant_name=ex.quant,
-        ref_name=ex.outtype)
+        ref_name=ref_type, trust_remote_code=params.model.trust_remote_code)
     write_json(METRICS, metrics)
     write_json(PLOT, variants)
     write_text(SAMPLES, samples)
-    ref = ex.outtype.lower()
+    ref = ref_type
     return {"ppl_merged": metrics["ppl_hf_merged"], f"ppl_{ref}": metrics[f"ppl_{ref}"], "ppl_quant": metrics["ppl_quant"],
             "delta_pct": metrics["ppl_delta_pct"], "kld": metrics[f"kld_quant_vs_{ref}"],
-            "size_ratio": metrics["size_ratio"], "decode_x": metrics["decode_speedup_quant_vs_hf"]}
+            "size_ratio": metrics["size_ratio"], "decode_x": metrics["decode_speedup_quant_vs_hf"],
+            "finetune_kept": metrics["finetune_kept"]}

@@ -26,10 +26,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
-def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> dict:
+def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", *,
+          trust_remote_code: bool = False) -> dict:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     if dtype not in DTYPES:
         raise LorapipeError(f"merge.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -37,13 +38,13 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
 
     info(f"merge: loading {base_dir} ({dtype}) and adapter {adapter_dir}")
     # No quantization_config here, ever: the merge target is full precision (see module doc).
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+    model = hfmodel.load_causal_lm(base_dir, trust_remote_code, dtype=getattr(torch, dtype))
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise LorapipeError(f"{adapter_dir}: adapter does not fit the base model {base_dir}: {exc}") from None
     merged = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = hfmodel.load_tokenizer(base_dir, trust_remote_code)
 
     generation = GenerationConfig.from_pretrained(base_dir) if (base_dir / "generation_config.json").is_file() else GenerationConfig()
     stops = hfmodel.stop_token_ids(tokenizer)
@@ -64,6 +65,9 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, tmp / name)
+        if trust_remote_code:  # the merged model is the same architecture: it needs the same code
+            for code in base_dir.glob("*.py"):
+                shutil.copyfile(code, tmp / code.name)
         n_added = hfmodel.restore_added_tokens_decoder(tmp)
         size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     return {
@@ -76,4 +80,5 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
 
 
 def run(params) -> dict:
-    return merge(paths.BASE_DIR, paths.ADAPTER_DIR, paths.MERGED_DIR, params.merge.dtype)
+    return merge(paths.BASE_DIR, paths.ADAPTER_DIR, paths.MERGED_DIR, params.merge.dtype,
+                 trust_remote_code=params.model.trust_remote_code)

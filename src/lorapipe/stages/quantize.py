@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lorapipe.core import gguf_meta, llamacpp, parity, paths
+from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
 from lorapipe.core.log import info
@@ -108,7 +108,7 @@ def size_metrics(ref_gguf: Path, quant_gguf: Path) -> dict:
 
 def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_dir: str | Path,
              eval_rows: list[dict], parity_params, train_rows: list[dict] | None = None,
-             min_stop_fraction: float | None = None, threads: int = 2) -> dict:
+             trust_remote_code: bool = False, threads: int = 2) -> dict:
     """Quantize, run the parity gate, then move the file into place; return the metrics."""
     ref_gguf, out_path = Path(ref_gguf), Path(out_path)
     quant = check_type(quant)
@@ -120,22 +120,22 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
     with tempfile.TemporaryDirectory(prefix="lorapipe-quantize-") as work, atomic_path(out_path) as tmp:
         imatrix = None
         if train_rows is not None:
-            from transformers import AutoTokenizer
-
-            text = calibration_text(train_rows, AutoTokenizer.from_pretrained(merged_dir))
+            text = calibration_text(train_rows, hfmodel.load_tokenizer(merged_dir, trust_remote_code))
             imatrix = compute_imatrix(ref_gguf, text, Path(work) / "imatrix.gguf", threads)
         info(f"quantize: {ref_gguf} -> {out_path} ({quant}{', imatrix' if imatrix else ''})")
         quantize_file(ref_gguf, tmp, quant, imatrix=imatrix, threads=threads)
 
         info(f"quantize: parity gate on {len(conversations)} eval prompts")
         ref_report, prompt_ids = parity.check_f16(merged_dir, ref_gguf, conversations, parity_params,
-                                                  min_stop_fraction=min_stop_fraction, threads=threads)
+                                                  trust_remote_code=trust_remote_code, threads=threads)
         quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads)
         failures = ref_report.failures + quant_report.failures
+        for warning in ref_report.warnings:
+            info(f"quantize: warning: {warning}")
         metrics = {"quant": quant, "imatrix": imatrix is not None, **size_metrics(ref_gguf, tmp),
                    "parity": {**ref_report.figures, **quant_report.figures, "passed": not failures}}
         if failures:
-            raise LorapipeError(f"parity gate failed for {ref_gguf.name} / {out_path.name}:\n" + "\n".join(failures))
+            raise LorapipeError(f"parity gate failed for {ref_gguf} / {out_path} (nothing was written):\n" + "\n".join(failures))
     return metrics
 
 
@@ -151,9 +151,10 @@ def run(params) -> dict:
         raise LorapipeError(f"export.quant: {ex.quant} would overwrite the converted file {ref} (export.outtype {ex.outtype})")
     train_rows = read_jsonl(paths.TRAIN_JSONL) if ex.imatrix else None
     metrics = quantize(ref, out, ex.quant, merged_dir=paths.MERGED_DIR,
-                       eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity, train_rows=train_rows)
+                       eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity, train_rows=train_rows,
+                       trust_remote_code=params.model.trust_remote_code, threads=ex.threads)
     write_json(METRICS, metrics)
     p = metrics["parity"]
     return {"quant": metrics["quant"], "size_ratio": metrics["size_ratio"], "bpw": metrics["bits_per_weight"],
             "f16_max_dlogit": p["f16_max_abs_logit_diff"], "quant_argmax": p["quant_argmax_agreement"],
-            "stop": p["stop_fraction"]}
+            "stop": p["stop_fraction"], "stops_on_its_own": p["stops_on_its_own"]}
