@@ -128,6 +128,18 @@ def test_dedupe_is_normalised_keeps_the_first_and_the_input_order(project):
     assert [r["detail"].rsplit(":", 1)[1] for r in rejects] == ["1", "1", "1", "2"]
 
 
+def test_output_does_not_depend_on_the_chunk_size(project, monkeypatch):
+    """Lines are examined (and their tokens counted) a chunk at a time, decided in input order."""
+    write_raw(project, "s", [row(f"My worry number {i % 7}", f"Thanks for telling me about worry {i % 7}." + " more" * (i % 3) * 200)
+                             for i in range(30)] + ["", "{bad"])
+    outputs = []
+    for chunk in (1024, 3):
+        monkeypatch.setattr(clean, "CHUNK_LINES", chunk)
+        metrics = run({"max_tokens": 300}, {"eval_fraction": 0.3})
+        outputs.append([(project / f"data/clean/{n}.jsonl").read_bytes() for n in ("train", "eval", "rejects")] + [metrics])
+    assert outputs[0] == outputs[1] and outputs[0][-1]["rejected"] > 10
+
+
 def test_accounting_check_refuses_counts_that_do_not_add_up():
     report = clean.Report(sources={"s": clean.Counts(read=3, train=1, eval=1, rejected=1, blank_lines=2)}, dropped={"duplicate": 1})
     metrics = report.metrics()

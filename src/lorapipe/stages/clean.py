@@ -42,7 +42,7 @@ READ_REASONS = ("invalid_utf8", "invalid_json", "quarantined")
 FILTER_REASONS = ("too_long", "duplicate")
 # The keys of a row as ingest writes it: such a line is kept as read.
 ROW_KEYS = frozenset(("messages", "source", "origin"))
-CHUNK_LINES = 4096  # lines examined before one batched tokenizer call for the rows that need it
+CHUNK_LINES = 1024  # lines examined before one batched tokenizer call for the rows that need it
 
 
 # ------------------------------------------------------------------------------------ reply rules
