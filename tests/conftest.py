@@ -16,6 +16,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "sources"
+
+
+def source_context(name: str, type: str, **source):
+    """The ingest adapters' Context of the one data.sources entry {name, type, **source}, parsed as params."""
+    from lorapipe.params import parse
+    from lorapipe.sources._common import Context
+
+    src = parse({"data": {"sources": [{"name": name, "type": type, **source}]}}).data.sources[0]
+    return Context(source=src, key=f"data.sources[0] ({name})")
+
+
+@pytest.fixture
+def ctx_for(request):
+    """ctx_for(**source) -> source_context() of the test module's SOURCE ({"name", "type"}) with `source` added."""
+    return lambda **source: source_context(**request.module.SOURCE, **source)
+
+
+@pytest.fixture
+def fixtures() -> Path:
+    """tests/fixtures/sources/: small files in each public data set's release format."""
+    return SOURCE_FIXTURES
 
 
 def smollm2_gguf() -> Path:

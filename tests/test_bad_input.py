@@ -122,8 +122,9 @@ def test_bom_crlf_and_blank_lines_are_read_correctly(cleaned):
     assert by_origin["data/raw/bom.jsonl:1"]["messages"][0]["content"] == "BOM first"
     assert [by_origin[f"data/raw/crlf.jsonl:{i}"]["messages"][1]["content"] for i in (1, 2, 3)] == [f"windows line {i}" for i in range(3)]
     assert metrics["sources"]["bom"]["kept"] == 1 and metrics["sources"]["crlf"]["kept"] == 3
-    # blank / whitespace-only lines hold no row: not read, not rejected; later line numbers stay true
+    # blank / whitespace-only lines hold no row: not read, not rejected, counted; later line numbers stay true
     assert not any(at.endswith((":4", ":5")) and "mixed" in at for at in rejects)
+    assert metrics["sources"]["mixed"]["blank_lines"] == 2 and metrics["blank_lines"] == 2
     assert "data/raw/mixed.jsonl:14" in by_origin
 
 
@@ -135,8 +136,12 @@ def test_nothing_is_silently_lost(cleaned):
     assert metrics["read"] == len(expected) == metrics["kept"] + metrics["rejected"]
     assert metrics["kept"] == metrics["train"] + metrics["eval"] == len(kept)
     assert sum(metrics["dropped"].values()) == metrics["rejected"] == len(rejects)
+    # every line of the raw files is read or counted blank
+    raw_lines = {p.stem: len(p.read_bytes().splitlines()) for p in (project / "data" / "raw").glob("*.jsonl")}
+    assert metrics["read"] + metrics["blank_lines"] == sum(raw_lines.values())
     for name, c in metrics["sources"].items():
         assert c["read"] == c["kept"] + c["rejected"] == c["train"] + c["eval"] + c["rejected"]
+        assert c["read"] + c["blank_lines"] == raw_lines[name]
     assert not list(project.rglob("*.partial"))
 
 

@@ -3,17 +3,18 @@ accounting. Runs the real stage on small files with SmolLM2's real tokenizer (no
 
 from __future__ import annotations
 
-import functools
 import json
-import os
+import random
 import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
 
 from lorapipe import cli
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.sharegpt import fingerprint, normalise, normalise_many
+from lorapipe.core.chatlength import _CJK, ChatLength
+from lorapipe.core.sharegpt import fingerprint, normalise
 from lorapipe.params import parse
 from lorapipe.stages import clean
 
@@ -61,8 +62,8 @@ def kept_rows(project: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def length(smollm2_tokenizer_dir) -> clean.ChatLength:
-    return clean.ChatLength(smollm2_tokenizer_dir)
+def length(smollm2_tokenizer_dir) -> ChatLength:
+    return ChatLength(smollm2_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_stage_outputs_metrics_and_accounting_through_the_cli(project, capsys):
     assert metrics["dropped"]["refusal"] == 1 and metrics["dropped"]["duplicate"] == 1
     assert sum(metrics["dropped"].values()) == metrics["rejected"]
     assert metrics["sources"]["alpha"] == {"read": 4, "kept": 2, "train": metrics["sources"]["alpha"]["train"],
-                                           "eval": metrics["sources"]["alpha"]["eval"], "rejected": 2}
+                                           "eval": metrics["sources"]["alpha"]["eval"], "rejected": 2, "blank_lines": 0}
     assert metrics["sources"]["beta"]["read"] == 40 and metrics["sources"]["beta"]["kept"] == 40
 
     kept = kept_rows(project)
@@ -127,74 +128,44 @@ def test_dedupe_is_normalised_keeps_the_first_and_the_input_order(project):
     assert [r["detail"].rsplit(":", 1)[1] for r in rejects] == ["1", "1", "1", "2"]
 
 
+def test_output_does_not_depend_on_the_chunk_size(project, monkeypatch):
+    """Lines are examined (and their tokens counted) a chunk at a time, decided in input order."""
+    write_raw(project, "s", [row(f"My worry number {i % 7}", f"Thanks for telling me about worry {i % 7}." + " more" * (i % 3) * 200)
+                             for i in range(30)] + ["", "{bad"])
+    outputs = []
+    for chunk in (1024, 3):
+        monkeypatch.setattr(clean, "CHUNK_LINES", chunk)
+        metrics = run({"max_tokens": 300}, {"eval_fraction": 0.3})
+        outputs.append([(project / f"data/clean/{n}.jsonl").read_bytes() for n in ("train", "eval", "rejects")] + [metrics])
+    assert outputs[0] == outputs[1] and outputs[0][-1]["rejected"] > 10
+
+
 def test_accounting_check_refuses_counts_that_do_not_add_up():
-    report = clean.Report(total=clean.Counts(read=3, train=1, eval=1, rejected=1), dropped={"duplicate": 1},
-                          sources={"s": clean.Counts(read=3, train=1, eval=1, rejected=1)})
-    assert report.metrics()["read"] == 3
+    report = clean.Report(sources={"s": clean.Counts(read=3, train=1, eval=1, rejected=1, blank_lines=2)}, dropped={"duplicate": 1})
+    metrics = report.metrics()
+    assert (metrics["read"], metrics["kept"], metrics["blank_lines"]) == (3, 2, 2)
     report.dropped["duplicate"] = 0
     with pytest.raises(RuntimeError, match="dropped per reason sum to 0, rejected is 1"):
         report.metrics()
-    report.dropped["duplicate"], report.total.read = 1, 4
-    with pytest.raises(RuntimeError, match=r"read 4 != kept 2 \+ rejected 1"):
+    report.dropped["duplicate"], report.sources["s"].read = 1, 4
+    with pytest.raises(RuntimeError, match=r"source s: read 4 != train 1 \+ eval 1 \+ rejected 1"):
         report.metrics()
 
 
-def test_fingerprint_is_fixed_size_and_normalisation_matches_per_text():
+def test_fingerprint_is_fixed_size_and_normalisation_is_nfkc_casefold_collapsed():
     texts = ["Ｈｅｌｌｏ，  World\n", " 你好！ ", "Straße\tZWEI", "a\x00b"]
-    assert normalise_many(texts) == [normalise(t) for t in texts] == ["hello, world", "你好!", "strasse zwei", "a\x00b"]
+    assert [normalise(t) for t in texts] == ["hello, world", "你好!", "strasse zwei", "a\x00b"]
+    # The shortcuts (ASCII, full-width forms first, the collapsed check) give exactly the plain definition.
+    rng = random.Random(7)
+    alphabet = ([chr(c) for c in range(0x20, 0x250)] + ["\x00", "\t", "\n", "\x1c", "\x85", "\xa0", "\u2028", "\u3000",
+                "，", "！", "Ａ", "ﬁ", "ẞ", "İ", "你", "好", "\u0301", "\uff76\uff9e", "  "])
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        for t in (text, text.encode("ascii", "ignore").decode()):
+            assert normalise(t) == " ".join(unicodedata.normalize("NFKC", t).casefold().split()), repr(t)
     fp = fingerprint([("user", "a" * 10_000), ("assistant", "b")])
     assert isinstance(fp, bytes) and len(fp) == 16
     assert fingerprint([("user", "ab"), ("assistant", "c")]) != fingerprint([("user", "a"), ("assistant", "bc")])
-
-
-def test_block_helpers_equal_their_one_row_versions():
-    """normalise_many, dialogue_fingerprints and plain_turns_many (one pass over a block) give what
-    the one-text / one-row functions give, on random texts and random valid and invalid messages."""
-    import random
-
-    from lorapipe.core.sharegpt import dialogue_fingerprint, dialogue_fingerprints, plain_turns, plain_turns_many
-
-    rng = random.Random(7)
-    alphabet = ([chr(c) for c in range(0x20, 0x250)] + ["\x00", "\t", "\n", "\x1c", "\x85", "\xa0", "\u2028", "\u3000",
-                "，", "！", "Ａ", "ﬁ", "ẞ", "İ", "你", "好", "%s", "  "])
-    for _ in range(300):
-        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 12))]
-        if rng.random() < 0.4:
-            texts = [t.encode("ascii", "ignore").decode() for t in texts]
-        assert normalise_many(texts) == [normalise(t) for t in texts]
-    dialogues = [normalise_many(["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9)))
-                                 for _ in range(2 * rng.randint(1, 20))]) for _ in range(200)]
-    ends = [sum(map(len, dialogues[:k + 1])) for k in range(len(dialogues))]
-    assert dialogue_fingerprints([t for d in dialogues for t in d], ends) == list(map(dialogue_fingerprint, dialogues))
-
-    def message(valid: bool):
-        good = {"role": "user", "content": "hi"}
-        return good if valid else rng.choice([{"role": "user"}, {"role": "user", "content": 3}, {"role": "user", "content": " "},
-                                              {"role": "x", "content": "hi"}, "text", {"role": "user", "content": "hi", "name": "a"},
-                                              {"role": ["user"], "content": "hi"}])
-
-    def messages(valid: bool):
-        n = rng.randint(1, 3)
-        turns = [{"role": r, "content": f"t{i}"} for i, r in enumerate(["user", "assistant"] * n)]
-        if rng.random() < 0.3:
-            turns.insert(0, {"role": "system", "content": "s"})
-        if not valid:
-            kind = rng.randrange(4)
-            if kind == 0:
-                turns[rng.randrange(len(turns))] = message(False)
-            elif kind == 1:
-                turns.append({"role": "user", "content": "again"})
-            elif kind == 2:
-                turns = []
-            else:
-                return {"not": "a list"}
-        return turns
-
-    for _ in range(200):
-        lists = [messages(rng.random() < 0.9) for _ in range(rng.randint(1, 8))]
-        assert plain_turns_many(lists) == [plain_turns(m) for m in lists]
-    lists = [messages(True) for _ in range(50)]
-    assert plain_turns_many(lists) == [plain_turns(m) for m in lists] and None not in plain_turns_many(lists)
 
 
 def test_too_long_counts_tokens_of_the_chat_template_rendering(project, smollm2_tokenizer_dir):
@@ -215,6 +186,19 @@ def test_too_long_counts_tokens_of_the_chat_template_rendering(project, smollm2_
     assert json.loads((project / "metrics/data.json").read_text())["dropped"]["too_long"] == 2
 
 
+def test_too_long_comes_before_duplicate(project, smollm2_tokenizer_dir):
+    """A row as long as max_tokens allows is kept; the same user+assistant text with a long system
+    turn (not part of the fingerprint) is too long, not a duplicate: length is judged first."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(smollm2_tokenizer_dir))
+    short = row("How are you?", "I am fine, thanks for asking.")
+    write_raw(project, "s", [short, row("How are you?", "I am fine, thanks for asking.", system="Be kind. " * 50), short])
+    n_short = len(tok.apply_chat_template(short["messages"], tokenize=True, return_dict=False))
+    run({"max_tokens": n_short}, {"eval_fraction": 0.0})
+    assert [r["reason"] for r in read(project / "data/clean/rejects.jsonl")] == ["too_long", "duplicate"]
+
+
 def test_render_matches_apply_chat_template_and_the_size_bound_holds(length, smollm2_tokenizer_dir):
     from transformers import PreTrainedTokenizerFast
 
@@ -226,17 +210,17 @@ def test_render_matches_apply_chat_template_and_the_size_bound_holds(length, smo
     ]
     k, shared = length.cjk_profile()  # the vocabulary's ideographs that share a token with another one
     for i in tok.get_vocab().values():
-        ideographs = clean._CJK.findall(tok.decode([i]))
-        assert len(ideographs) <= k and (len(ideographs) < 2 or all(shared[ord(c)] for c in ideographs))
+        ideographs = _CJK.findall(tok.decode([i]))
+        assert len(ideographs) <= k and (len(ideographs) < 2 or all(c in shared for c in ideographs))
     for r in samples:
         text = length.render(r["messages"])
         assert text == tok.apply_chat_template(r["messages"], tokenize=False)
         n = length.count([text])[0]
         assert n == len(tok(text, add_special_tokens=False)["input_ids"])
-        assert length.lower_bound(text) <= n <= length.upper_bound(r["messages"])
+        assert length.lower_bound(text) <= n <= length.upper_bound(tuple(m["role"] for m in r["messages"]), [m["content"] for m in r["messages"]])
     assert length.lower_bound("") == 0 and length.lower_bound("一二三四五 six seven") >= 3
     long_chinese = length.render(samples[-1]["messages"])  # a floor of about one token per ideograph here
-    assert length.count([long_chinese])[0] >= length.lower_bound(long_chinese) >= 0.9 * len(clean._CJK.findall(long_chinese))
+    assert length.count([long_chinese])[0] >= length.lower_bound(long_chinese) >= 0.9 * len(_CJK.findall(long_chinese))
 
 
 def test_system_prompt_is_added_only_where_missing(project):
@@ -329,17 +313,19 @@ def test_rules_check_every_assistant_turn(rules):
     assert clean.first_broken_rule(rules, ["hello, how are you?", "..."])[0] == "empty_reply"
 
 
-def test_literal_pretrigger_never_hides_a_match():
-    import re
+def test_keywords_only_skip_replies_the_rule_would_pass(rules):
+    """A rule's keywords are a prefilter: with or without them, every reply gets the same decision."""
+    import dataclasses
 
-    for pattern, text in [(r"(?<!feel )\byou(?: are|'re) better off dead\b", "oh you're better off dead"),
-                          (r"(a|bc)+d", "xbcad"), (r"去死吧|(不如|还是)(去)?死了?(吧|算了)", "还是死吧"), (r"x?y*", "")]:
-        rx = re.compile(pattern)
-        lits = clean.required_literals(rx)
-        assert rx.search(text)
-        assert lits is None or any(lit in text for lit in lits), (pattern, lits)
-    assert clean.required_literals(re.compile(r"\bkys\b")) == {"kys"}
-    assert clean.required_literals(re.compile(r"x?y*")) is None
+    with_keywords = [r for r in rules if r.keywords]
+    assert {r.name for r in with_keywords} == {"refusal", "harmful"}
+    replies = [normalise(r) for rs in FILTERED.values() for r in rs] + [normalise(r) for r in KEPT]
+    for rule in with_keywords:
+        plain = dataclasses.replace(rule, keywords=None)
+        for reply in replies:
+            assert rule.first_rejected([reply]) == plain.first_rejected([reply]), (rule.name, reply)
+        for reply in FILTERED[rule.name]:
+            assert any(k in normalise(reply) for k in rule.keywords), (rule.name, reply)
 
 
 @pytest.mark.parametrize("text,message", [
@@ -348,6 +334,9 @@ def test_literal_pretrigger_never_hides_a_match():
     ("rules: [{name: a, min_chars: 2, no_content: true}]", r"needs exactly one of"),
     ("rules: [{name: duplicate, min_chars: 2}]", r"name already used"),
     ("rules: [{name: a, min_char: 2}]", r"unknown key\(s\) min_char"),
+    ("rules: [{name: a, min_chars: 2, keywords: [x]}]", r"keywords go with full_match or contains only"),
+    ("rules: [{name: a, contains: [x], keywords: [X]}]", r"keywords\[0\] 'X' never occurs in a normalised reply; write 'x'"),
+    ("rules: [{name: a, contains: [x], keywords: []}]", r"keywords must be a non-empty list of strings"),
     ("rules: 3", r"expected a mapping with a 'rules' list"),
     ("rules:\n  - name: a\n    min_chars: [2\n", r"r\.yaml:\d+: rules file \(params key data\.clean\.rules\) is not valid YAML"),
 ])
@@ -357,98 +346,3 @@ def test_rules_file_errors_name_the_file_and_rule(tmp_path, text, message):
     with pytest.raises(LorapipeError, match=message) as err:
         clean.load_rules(path)
     assert str(path) in str(err.value)
-
-
-def test_parallel_workers_write_the_same_bytes_as_one_process(project, monkeypatch):
-    """Workers only examine rows; deciding (dedupe, split, order) stays in one process."""
-    rows = [row(f"I feel sad about thing {i % 150}", f"I'm sorry that thing {i % 150} weighs on you.")
-            for i in range(600)] + ["{not json", [1, 2]]
-    write_raw(project, "many", rows)
-    monkeypatch.setattr(clean, "_BLOCK_BYTES", 2000)  # many small blocks: exercise the hand-over
-    outputs = {}
-    for workers in (1, 2):
-        monkeypatch.setattr(clean, "Settings", functools.partial(clean.Settings, workers=workers))
-        metrics = run()
-        outputs[workers] = [(project / p).read_bytes() for p in ("data/clean/train.jsonl", "data/clean/eval.jsonl", "data/clean/rejects.jsonl")]
-        assert metrics["kept"] == 150 and metrics["rejected"] == 452
-    assert outputs[1] == outputs[2]
-
-
-@pytest.mark.parametrize("failure", ["error", "death"])
-def test_a_worker_error_or_death_is_raised_in_the_parent(project, monkeypatch, failure):
-    """An exception in a worker comes back with its traceback; a worker that dies is reported; no hang."""
-    rows = [row(f"I feel sad about thing {i}", f"I'm sorry that thing {i} weighs on you.") for i in range(300)]
-    write_raw(project, "many", rows)
-    monkeypatch.setattr(clean, "_BLOCK_BYTES", 2000)
-    examine = clean._Examiner.block
-
-    def failing(self, label, source, first_lineno, block):
-        if first_lineno > 100:
-            if failure == "death":
-                os._exit(3)
-            raise LorapipeError(f"{label}:{first_lineno}: boom")
-        return examine(self, label, source, first_lineno, block)
-
-    monkeypatch.setattr(clean._Examiner, "block", failing)  # forked workers inherit it
-    monkeypatch.setattr(clean, "Settings", functools.partial(clean.Settings, workers=2))
-    expected = (LorapipeError, r"many\.jsonl:\d+: boom") if failure == "error" else (RuntimeError, r"worker process \d+ died \(exit code 3\)")
-    with pytest.raises(expected[0], match=expected[1]) as err:
-        run()
-    if failure == "error":
-        assert any("Traceback" in note and "failing" in note for note in err.value.__notes__)
-    assert not (project / "data" / "clean" / "train.jsonl").exists()  # nothing half-written
-
-
-@pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("system_prompt", [None, "You are kind."])
-def test_block_examination_decides_exactly_as_row_by_row(length, rules, system_prompt, native):
-    """_Examiner.block examines plain rows together (the native scanner or one normalisation pass,
-    one rule scan per block); each row must get exactly what line() alone gives it (bar a looser,
-    still valid bound)."""
-    replies = [r for rs in FILTERED.values() for r in rs] + KEPT + ["Ｆｕｌｌ　ｗｉｄｔｈ，ok", "tab\tand  spaces ", "ß straße",
-                                                            # refusals far longer than the pattern, by their punctuation
-                                                            "我不能回答。" + "！" * 300, "I cannot help with that" + "." * 300]
-    rows = []
-    for i, reply in enumerate(replies):
-        rows.append(row(f"user {i}", reply, origin=f"a:{i}"))
-        rows.append(row("Hi", "Hello!", f"And {i}?", reply, system="Be brief." if i % 3 == 0 else None, origin=f"b:{i}"))
-        rows.append(row("同一个问题", reply, origin=f"c:{i}"))  # a duplicate text across rows: the same fingerprint
-    lines = [json.dumps(r, ensure_ascii=i % 2 == 0).encode() for i, r in enumerate(rows)]
-    lines[5] = b"{truncated"
-    lines[9] = json.dumps({"messages": rows[9]["messages"], "source": "s", "origin": "o", "extra": 1}).encode()
-    settings = clean.Settings(system_prompt=system_prompt, native=native)
-    examiner = clean._Examiner(settings, length, rules)
-    examined_together = []
-    examine_plain = examiner._examine_plain
-    examiner._examine_plain = lambda label, source, numbered, raws, scanned, native_rows, python_rows, out: (
-        examined_together.extend([*native_rows, *python_rows]), examine_plain(label, source, numbered, raws, scanned, native_rows, python_rows, out))
-    together = examiner.block("f.jsonl", "f", 1, b"\n".join(lines) + b"\n")
-    assert len(examined_together) >= (10 if system_prompt else len(lines) - 3)  # rows with a system turn / all plain rows
-    alone = [examiner.line("f.jsonl", "f", n, raw) for n, raw in enumerate(lines, 1)]
-    assert len(together) == len(alone) == len(lines)
-    assert {a[1] for a in alone} >= {"refusal", "harmful", "empty_reply", "too_short", "invalid_json", None}
-    for t, a, raw in zip(together, alone, lines):
-        if a[1] is None:  # a candidate: all but the bound equal; both bounds hold
-            assert t[:4] + t[5:] == a[:4] + a[5:]
-            n = length.count([length.render(examiner.messages_of(raw))])[0]
-            assert n <= a[4] <= t[4]
-        else:
-            assert t == a
-
-
-def test_idle_cpus_sees_busy_cpus():
-    """Workers are started only on CPUs found idle; with every CPU kept busy, at most one looks idle."""
-    import subprocess
-    import sys
-
-    cpus = len(os.sched_getaffinity(0))
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
-    try:
-        import time
-
-        time.sleep(0.3)
-        assert 0 <= clean.idle_cpus() <= 1
-    finally:
-        for b in burners:
-            b.kill()
-            b.wait()

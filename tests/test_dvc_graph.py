@@ -16,10 +16,9 @@ STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "e
 
 
 def module_file(name: str) -> Path | None:
-    """The file a module is built from: its .py, its package's __init__.py, or the C source of a
-    compiled extension (whose change must rerun the stages that import it too)."""
+    """The file a module is built from: its .py or its package's __init__.py."""
     rel = Path(*name.split("."))
-    for cand in (SRC / rel.with_suffix(".py"), SRC / rel / "__init__.py", SRC / rel.with_suffix(".c")):
+    for cand in (SRC / rel.with_suffix(".py"), SRC / rel / "__init__.py"):
         if cand.is_file():
             return cand
     return None
@@ -54,7 +53,7 @@ def closure(stage: str) -> set[Path]:
             continue
         seen.add(name)
         path = module_file(name)
-        if path is not None and path.suffix == ".py":
+        if path is not None:
             todo.extend(imported_modules(path))
     files = {module_file(n) for n in seen} - {None}
     # Importing a module runs its packages' __init__ files too: those that hold code are deps.
@@ -101,7 +100,7 @@ def test_code_deps_are_exactly_the_imported_modules():
         if not module.exists():
             continue
         declared = {REPO_ROOT / d for d in stage.get("deps", []) if str(d).startswith("src/")}
-        declared_files = {d for d in declared if d.suffix in (".py", ".c")}
+        declared_files = {d for d in declared if d.suffix == ".py"}
         declared_dirs = {d for d in declared if d.is_dir()}
         needed = closure(name)
         covered = {f for f in needed if f in declared_files or any(d in f.parents for d in declared_dirs)}

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import parse
 from lorapipe.sources import chatterbot
-from lorapipe.sources._common import Context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "cb", "type": "chatterbot", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (cb)")
+SOURCE = {"name": "cb", "type": "chatterbot"}  # the data.sources entry ctx_for() completes
 
 
-def test_alternatives_become_pairs_and_yaml_text_stays_text():
-    out = list(chatterbot.read_file(ctx_for(), FIXTURES / "chatterbot" / "quirks.yml", "emotion", "quirks.yml"))
+def test_alternatives_become_pairs_and_yaml_text_stays_text(ctx_for, fixtures):
+    out = list(chatterbot.read_file(ctx_for(), fixtures / "chatterbot" / "quirks.yml", "emotion", "quirks.yml"))
     pairs = [[m["content"] for m in r["messages"]] for r in out if "messages" in r]
     assert pairs == [
         ["Are you happy?", "yes"],  # not True: read with BaseLoader
@@ -37,14 +28,14 @@ def test_alternatives_become_pairs_and_yaml_text_stays_text():
     assert errors[0]["raw"] == "Just a string, not a list"
 
 
-def test_dialogue_category_is_one_multi_turn_row():
+def test_dialogue_category_is_one_multi_turn_row(ctx_for, fixtures):
     ctx = ctx_for(dialogue_categories=["emotion"])
-    out = list(chatterbot.read_file(ctx, FIXTURES / "chatterbot" / "quirks.yml", "emotion", "quirks.yml"))
+    out = list(chatterbot.read_file(ctx, fixtures / "chatterbot" / "quirks.yml", "emotion", "quirks.yml"))
     assert [m["role"] for m in out[0]["messages"]] == ["user", "assistant"]  # 3 lines: the trailing user turn trimmed
     assert ctx.stats["trimmed_turns"] == 1
 
 
-def test_installed_corpus_defaults():
+def test_installed_corpus_defaults(ctx_for):
     ctx = ctx_for()
     out = list(chatterbot.read(ctx))
     files = {r["origin"].rsplit(":", 1)[0] for r in out}
@@ -61,7 +52,7 @@ def test_installed_corpus_defaults():
     assert any("你" in r["messages"][0]["content"] for r in out)
 
 
-def test_unknown_language_or_category_lists_the_available_ones():
+def test_unknown_language_or_category_lists_the_available_ones(ctx_for):
     with pytest.raises(LorapipeError, match=r"languages: no language 'klingon' .*available: .*english"):
         list(chatterbot.read(ctx_for(languages=["klingon"])))
     with pytest.raises(LorapipeError, match=r"categories: no category 'coding' for chinese; available: ai, "):

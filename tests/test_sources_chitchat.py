@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lorapipe.params import parse
 from lorapipe.sources import chitchat
-from lorapipe.sources._common import Context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "cc", "type": "chitchat", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (cc)")
+SOURCE = {"name": "cc", "type": "chitchat"}  # the data.sources entry ctx_for() completes
 
 
-def test_fixture_sorted_ids_merged_senders_trimmed_and_quarantined():
+def test_fixture_sorted_ids_merged_senders_trimmed_and_quarantined(ctx_for, fixtures):
     ctx = ctx_for(max_conversations=None)
-    out = list(chitchat.read(ctx, FIXTURES / "chitchat" / "dataset.json"))
+    out = list(chitchat.read(ctx, fixtures / "chitchat" / "dataset.json"))
     assert [r["origin"] for r in out] == [f"chitchat_dataset/dataset.json:c-{i}" for i in (1, 2, 3)]
     assert out[0]["messages"] == [
         {"role": "user", "content": "what is your favourite food?"},
@@ -34,12 +25,12 @@ def test_fixture_sorted_ids_merged_senders_trimmed_and_quarantined():
     assert out[2]["error"].startswith("not a chitchat conversation")
 
 
-def test_cap_takes_first_ids_in_sorted_order():
-    out = list(chitchat.read(ctx_for(max_conversations=2), FIXTURES / "chitchat" / "dataset.json"))
+def test_cap_takes_first_ids_in_sorted_order(ctx_for, fixtures):
+    out = list(chitchat.read(ctx_for(max_conversations=2), fixtures / "chitchat" / "dataset.json"))
     assert [r["origin"].rsplit(":", 1)[1] for r in out] == ["c-1", "c-2"]
 
 
-def test_installed_dataset_is_deterministic():
+def test_installed_dataset_is_deterministic(ctx_for):
     out = list(chitchat.read(ctx_for(max_conversations=5)))
     ids = [r["origin"].rsplit(":", 1)[1] for r in out]
     assert ids == sorted(ids) and len(ids) == 5

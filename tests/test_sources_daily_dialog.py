@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import parse
 from lorapipe.sources import daily_dialog as dd
-from lorapipe.sources._common import Context
-
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "dd", "type": "daily_dialog", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (dd)")
 
 
 @pytest.mark.parametrize("path", ["daily_dialog", "daily_dialog/dialogues_text.txt"])
-def test_release_folder_or_file(monkeypatch, path):
-    monkeypatch.chdir(FIXTURES)
+def test_release_folder_or_file(monkeypatch, path, ctx_for, fixtures):
+    monkeypatch.chdir(fixtures)
     ctx = ctx_for(path=path)
     out = list(dd.read(ctx))
     assert [r["origin"] for r in out] == [f"daily_dialog/dialogues_text.txt:{i}" for i in (1, 2, 3)]
@@ -35,18 +25,20 @@ def test_release_folder_or_file(monkeypatch, path):
     assert [m["role"] for m in out[2]["messages"]] == ["user", "assistant"]  # trailing user turn trimmed
     assert ctx.stats["trimmed_turns"] == 1 and ctx.stats["label_files_checked"] == 2
 
+SOURCE = {"name": "dd", "type": "daily_dialog"}  # the data.sources entry ctx_for() completes
 
-def test_split_files_of_the_split_archives(tmp_path):
+
+def test_split_files_of_the_split_archives(tmp_path, ctx_for, fixtures):
     folder = tmp_path / "ijcnlp_dailydialog" / "validation"
     folder.mkdir(parents=True)
     for kind, name in (("text", "dialogues_validation.txt"), ("act", "dialogues_act_validation.txt"), ("emotion", "dialogues_emotion_validation.txt")):
-        shutil.copy(FIXTURES / "daily_dialog" / f"dialogues_{kind}.txt", folder / name)
+        shutil.copy(fixtures / "daily_dialog" / f"dialogues_{kind}.txt", folder / name)
     out = list(dd.read(ctx_for(path=str(tmp_path / "ijcnlp_dailydialog"), split="validation")))
     assert len(out) == 3 and out[0]["origin"].endswith("dialogues_validation.txt:1")
 
 
-def test_label_count_mismatch_names_file_and_line(tmp_path):
-    shutil.copytree(FIXTURES / "daily_dialog", tmp_path / "dd")
+def test_label_count_mismatch_names_file_and_line(tmp_path, ctx_for, fixtures):
+    shutil.copytree(fixtures / "daily_dialog", tmp_path / "dd")
     (tmp_path / "dd" / "dialogues_emotion.txt").write_text("0 0 5 0 \n0 0 0 \n5 3 0 \n", encoding="utf-8")
     with pytest.raises(LorapipeError, match=r"dialogues_emotion\.txt:2: 3 labels but .*dialogues_text\.txt:2 has 2 utterances"):
         list(dd.read(ctx_for(path=str(tmp_path / "dd"))))
@@ -55,13 +47,13 @@ def test_label_count_mismatch_names_file_and_line(tmp_path):
         list(dd.read(ctx_for(path=str(tmp_path / "dd"))))
 
 
-def test_invalid_utf8_line_is_quarantined(tmp_path):
+def test_invalid_utf8_line_is_quarantined(tmp_path, ctx_for):
     (tmp_path / "dialogues_text.txt").write_bytes(b"Hi . __eou__ Hello . __eou__\ncaf\xe9 ? __eou__ Yes . __eou__\n")
     out = list(dd.read(ctx_for(path=str(tmp_path / "dialogues_text.txt"))))
     assert "messages" in out[0] and out[1]["error"].startswith("invalid UTF-8") and out[1]["origin"].endswith(":2")
 
 
-def test_hub_rows_and_their_label_check():
+def test_hub_rows_and_their_label_check(ctx_for):
     ctx = ctx_for(hub_id="li2017dailydialog/daily_dialog")
     rows = [{"dialog": [" Hi . ", " Hello ! "], "act": [1, 2], "emotion": [0, 4]}]
     (row,) = dd.hub_rows(ctx, rows)
@@ -70,7 +62,7 @@ def test_hub_rows_and_their_label_check():
         list(dd.hub_rows(ctx, [{"dialog": ["a", "b"], "act": [1], "emotion": [0, 0]}]))
 
 
-def test_hub_offline_is_a_clear_error(monkeypatch):
+def test_hub_offline_is_a_clear_error(monkeypatch, ctx_for):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LorapipeError, match=r"hub is unreachable .*local file instead"):
         list(dd.read(ctx_for(hub_id="li2017dailydialog/daily_dialog")))

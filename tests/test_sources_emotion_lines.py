@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import parse
 from lorapipe.sources import emotion_lines as el
-from lorapipe.sources._common import Context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "el", "type": "emotion_lines", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (el)")
+SOURCE = {"name": "el", "type": "emotion_lines"}  # the data.sources entry ctx_for() completes
 
 
-def test_release_json(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+def test_release_json(monkeypatch, ctx_for, fixtures):
+    monkeypatch.chdir(fixtures)
     out = list(el.read(ctx_for(path="emotion_lines/friends_train.json")))
     assert [r["origin"] for r in out] == ["emotion_lines/friends_train.json:#0", "emotion_lines/friends_train.json:#1"]
     # Monica's two consecutive lines are one turn; turns alternate from the first speaker
@@ -34,7 +26,7 @@ def test_release_json(monkeypatch):
     assert [m["role"] for m in out[1]["messages"]] == ["user", "assistant"]
 
 
-def test_malformed_dialogue_quarantined_bad_file_an_error(tmp_path):
+def test_malformed_dialogue_quarantined_bad_file_an_error(tmp_path, ctx_for):
     path = tmp_path / "emotionpush_dev.json"
     path.write_text(json.dumps([[{"speaker": "a", "utterance": "hi"}, {"speaker": "b"}], "nope", [{"speaker": "a", "utterance": "x"}, {"speaker": "b", "utterance": "y"}]]), encoding="utf-8")
     out = list(el.read(ctx_for(path=str(path), max_conversations=2)))
@@ -46,7 +38,7 @@ def test_malformed_dialogue_quarantined_bad_file_an_error(tmp_path):
         list(el.read(ctx_for(path=str(path))))
 
 
-def test_hub_rows_find_the_dialogue_column():
+def test_hub_rows_find_the_dialogue_column(ctx_for):
     ctx = ctx_for(hub_id="someone/emotion_lines")
     rows = [{"id": 3, "dialogue": [{"speaker": "A", "utterance": "Hi", "emotion": "neutral"}, {"speaker": "B", "utterance": "Hey", "emotion": "joy"}]}]
     (row,) = el.hub_rows(ctx, rows)
@@ -55,7 +47,7 @@ def test_hub_rows_find_the_dialogue_column():
         list(el.hub_rows(ctx, [{"text": "x"}]))
 
 
-def test_hub_offline_is_a_clear_error(monkeypatch):
+def test_hub_offline_is_a_clear_error(monkeypatch, ctx_for):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LorapipeError, match=r"unreachable"):
         list(el.read(ctx_for(hub_id="someone/emotion_lines")))

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import ParamsError, parse
+from lorapipe.params import ParamsError
 from lorapipe.sources import empathetic_dialogues as ed
-from lorapipe.sources._common import Context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "ed", "type": "empathetic_dialogues", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (ed)")
+SOURCE = {"name": "ed", "type": "empathetic_dialogues"}  # the data.sources entry ctx_for() completes
 
 
-def test_release_csv(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+def test_release_csv(monkeypatch, ctx_for, fixtures):
+    monkeypatch.chdir(fixtures)
     ctx = ctx_for(path="empathetic_dialogues/train.csv")
     out = list(ed.read(ctx))
     assert [r["origin"] for r in out] == [
@@ -43,13 +35,13 @@ def test_release_csv(monkeypatch):
     assert out[2]["messages"][1]["content"] == "That would scare me too. Could it have been an animal?"
 
 
-def test_max_conversations_takes_the_first_in_release_order(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+def test_max_conversations_takes_the_first_in_release_order(monkeypatch, ctx_for, fixtures):
+    monkeypatch.chdir(fixtures)
     out = list(ed.read(ctx_for(path="empathetic_dialogues/train.csv", max_conversations=2)))
     assert len(out) == 2 and out[1]["origin"].endswith(":6")
 
 
-def test_bad_lines_quarantined_and_bad_header_is_an_error(tmp_path):
+def test_bad_lines_quarantined_and_bad_header_is_an_error(tmp_path, ctx_for):
     path = tmp_path / "valid.csv"
     path.write_bytes(
         b"conv_id,utterance_idx,context,prompt,speaker_idx,utterance,selfeval,tags\n"
@@ -69,7 +61,7 @@ def test_bad_lines_quarantined_and_bad_header_is_an_error(tmp_path):
         list(ed.read(ctx_for(path=str(path))))
 
 
-def test_hub_rows_use_the_release_columns():
+def test_hub_rows_use_the_release_columns(ctx_for):
     rows = [  # what datasets' empathetic_dialogues rows look like: the CSV's columns, text still escaped
         {"conv_id": "hit:1_conv:2", "utterance_idx": 2, "context": "proud", "prompt": "p", "speaker_idx": 9, "utterance": "Great_comma_ well done!", "selfeval": "", "tags": ""},
         {"conv_id": "hit:1_conv:2", "utterance_idx": 1, "context": "proud", "prompt": "p", "speaker_idx": 33, "utterance": "I passed!", "selfeval": "", "tags": ""},
@@ -80,20 +72,20 @@ def test_hub_rows_use_the_release_columns():
     assert row["origin"] == "hub:facebook/empathetic_dialogues/train:#0"
 
 
-def test_hub_offline_is_a_clear_error(monkeypatch):
+def test_hub_offline_is_a_clear_error(monkeypatch, ctx_for):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LorapipeError, match=r"hub_id: the Hugging Face hub is unreachable .*set 'data\.sources\[0\] \(ed\)\.path'"):
         list(ed.read(ctx_for(hub_id="facebook/empathetic_dialogues")))
 
 
-def test_path_or_hub_id_exactly_one():
+def test_path_or_hub_id_exactly_one(ctx_for):
     with pytest.raises(ParamsError, match="set exactly one of 'path'"):
         ctx_for()
     with pytest.raises(ParamsError, match="set exactly one of 'path'"):
         ctx_for(path="a.csv", hub_id="b")
 
 
-def test_hub_without_network_is_a_clear_error(monkeypatch):
+def test_hub_without_network_is_a_clear_error(monkeypatch, ctx_for):
     # `.invalid` never resolves (RFC 2606): the same failure as a machine with no network.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)

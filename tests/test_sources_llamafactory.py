@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import source_context
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import parse
 from lorapipe.sources import llamafactory
-from lorapipe.sources._common import Context
-
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
 
 
 def read(*datasets: str, info: str = "llamafactory/dataset_info.json") -> list[dict]:
-    src = parse({"data": {"sources": [{"name": "lf", "type": "llamafactory", "dataset_info": info, "datasets": list(datasets)}]}}).data.sources[0]
-    return list(llamafactory.read(Context(source=src, key="data.sources[0] (lf)")))
+    return list(llamafactory.read(source_context("lf", "llamafactory", dataset_info=info, datasets=list(datasets))))
 
 
 @pytest.fixture(autouse=True)
-def _in_fixtures(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+def _in_fixtures(monkeypatch, fixtures):
+    monkeypatch.chdir(fixtures)
 
 
 def test_sharegpt_default_tags_system_column_and_system_turn():

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import parse
 from lorapipe.sources import sharegpt
-from lorapipe.sources._common import Context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sources"
-
-
-def ctx_for(**source) -> Context:
-    src = parse({"data": {"sources": [{"name": "mine", "type": "sharegpt", **source}]}}).data.sources[0]
-    return Context(source=src, key="data.sources[0] (mine)")
+SOURCE = {"name": "mine", "type": "sharegpt"}  # the data.sources entry ctx_for() completes
 
 
-def test_rows_pass_through_and_conversations_are_converted(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+def test_rows_pass_through_and_conversations_are_converted(monkeypatch, ctx_for, fixtures):
+    monkeypatch.chdir(fixtures)
     ctx = ctx_for(path="sharegpt/mixed.jsonl")
     out = list(sharegpt.read(ctx))
     assert out[0] == {
@@ -42,7 +33,7 @@ def test_rows_pass_through_and_conversations_are_converted(monkeypatch):
     assert ctx.stats["converted_conversations"] == 1
 
 
-def test_bad_lines_are_quarantined_never_dropped(tmp_path):
+def test_bad_lines_are_quarantined_never_dropped(tmp_path, ctx_for):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(
         b"\xef\xbb\xbf" + b'{"messages": [{"role": "user", "content": "bom"}, {"role": "assistant", "content": "ok"}]}\r\n'
@@ -65,13 +56,13 @@ def test_bad_lines_are_quarantined_never_dropped(tmp_path):
     assert all(len(r.get("raw", "")) <= 2000 for r in out)
 
 
-def test_quarantine_raw_is_truncated(tmp_path):
+def test_quarantine_raw_is_truncated(tmp_path, ctx_for):
     path = tmp_path / "long.jsonl"
     path.write_text('{"messages": "' + "y" * 5000 + "\n", encoding="utf-8")
     (rec,) = sharegpt.read(ctx_for(path=str(path)))
     assert rec["error"].startswith("invalid JSON") and len(rec["raw"]) == 2000
 
 
-def test_missing_file_names_file_and_params_key(tmp_path):
+def test_missing_file_names_file_and_params_key(tmp_path, ctx_for):
     with pytest.raises(LorapipeError, match=r"data\.sources\[0\] \(mine\)\.path: file not found: .*nope\.jsonl"):
         list(sharegpt.read(ctx_for(path=str(tmp_path / "nope.jsonl"))))
