@@ -260,9 +260,11 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
     stops = [greedy_stops(llm, ids, gguf_budget) for ids in ll_ids]
     stops_on_its_own = compare_stops(Path(gguf_path).name, hf_stops, stops, parity.max_new_tokens, rep)
     max_diff, agreement = max(diffs), float(np.mean(agrees))
-    if max_diff > parity.max_abs_logit_diff:
+    if not np.isfinite(max_diff) or max_diff > parity.max_abs_logit_diff:  # NaN compares False: check it first
         rep.failures.append(f"logits: max |HF - GGUF| = {max_diff:.4g} > export.parity.max_abs_logit_diff = {parity.max_abs_logit_diff} "
-                            f"(per prompt: {', '.join(f'{d:.3g}' for d in diffs)})")
+                            f"(per prompt: {', '.join(f'{d:.3g}' for d in diffs)})"
+                            + ("" if np.isfinite(max_diff) else "; llama.cpp computed non-finite logits: the activations "
+                               "overflow float16 (Gemma-3 does); use export.outtype: auto or bf16"))
     if agreement < parity.min_argmax_agreement:
         rep.failures.append(f"logits: argmax agreement {agreement:.3f} < export.parity.min_argmax_agreement = {parity.min_argmax_agreement}")
 

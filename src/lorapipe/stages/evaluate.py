@@ -188,7 +188,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     merged = load_hf(merged_dir, trust_remote_code)
     ppl_merged = ppl.hf_perplexity(merged, stream, plan)
     ref_vs_hf = pct(ppl_ref, ppl_merged)
-    if abs(ref_vs_hf) > ep.max_ppl_f16_vs_hf_pct:
+    if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
         raise LorapipeError(
             f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
             f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
