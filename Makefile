@@ -20,7 +20,7 @@ LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
 LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-cpu/.built
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-quick bench bench-shapes clean-venv
+.PHONY: setup repro test test-quick bench bench-shapes gpu-check clean-venv
 setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
 
 $(LLAMA_SRC_STAMP):
@@ -55,6 +55,11 @@ bench: setup
 # ~7 GB under $(LORAPIPE_CACHE)/bench): what the users' own model decodes at on this machine.
 bench-shapes: setup
 	$(BIN)/python benchmarks/inference.py --shape qwen2.5-1.5b-instruct
+
+# On a CUDA machine: QLoRA-4bit and bf16 LoRA on Qwen2.5-1.5B-Instruct's shapes, merge, convert,
+# quantize; prints tok/s, peak GPU memory and eval loss (docs/gpu.md). Exits 2 without a GPU.
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

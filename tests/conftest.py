@@ -69,7 +69,7 @@ TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0),
-    # Gemma-3-1B text family; query_pre_attn_scalar set explicitly (see TOOLCHAIN.md)
+    # Gemma-3-1B text family; query_pre_attn_scalar set explicitly (docs/toolchain.md#gguf-source)
     "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
                    max_position_embeddings=2048, rms_norm_eps=1e-6, sliding_window=32,

@@ -119,7 +119,7 @@ def test_params_are_own_section_and_exist():
     own = {
         "base": ("model",), "ingest": ("data.sources",), "clean": ("data.clean", "data.split"),
         "train": ("train", "lora", trust), "merge": ("merge", trust), "convert": ("export", trust), "quantize": ("export", trust),
-        "evaluate": ("evaluate", "export.outtype", "export.quant", trust), "package": ("package", "chat", "export.quant"),
+        "evaluate": ("evaluate", "export.outtype", "export.quant", trust), "package": ("package", "chat", "serve", "export.quant"),
     }
     p = params_mod.load(REPO_ROOT / "params.yaml").model_dump()
     for name, stage in load_stages().items():

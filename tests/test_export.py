@@ -40,7 +40,7 @@ EVAL_ROWS = [
                   {"role": "assistant", "content": "和重要的人争吵确实让人难过。"}]},
 ]
 # Random tiny models have nearly flat logits, so quantization flips more argmaxes than on a real
-# model (TOOLCHAIN.md: 0.91-1.00 measured); the gate's default 0.8 is for trained models.
+# model (0.91-1.00 measured); the gate's default 0.8 is for trained models.
 # F16 logits of tiny models are within 0.003 of HF (measured), so their bound is tighter than the default.
 RANDOM_MODEL_PARITY = ParityParams(max_new_tokens=8, min_argmax_agreement_quant=0.5, max_abs_logit_diff=0.02)
 

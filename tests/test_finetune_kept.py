@@ -1,6 +1,6 @@
 """Quantization must not silently erase the fine-tune.
 
-The case from real checkpoints (docs/toolchain.md): a base model taken from a quantized GGUF has
+The case from real checkpoints (docs/toolchain.md#requantize): a base model taken from a quantized GGUF has
 dequantized weights sitting exactly on that file's grid; a LoRA update smaller than half a step is
 rounded away when the merged model is quantized to the same type again, and the "fine-tuned" file
 predicts like the base. Shrunk here to a tiny Llama (hidden 256, so real Q4_K blocks apply) with an

@@ -158,7 +158,7 @@ def leaf_keys(node, prefix=""):
 
 
 # Which stage each params key belongs to (the most specific prefix wins). A key that is in no
-# stage's params (chat, serve) reruns nothing: those are commands, not stages.
+# stage's params reruns nothing (chat and serve are read by package's model card only).
 OWNER = {
     "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
@@ -166,7 +166,7 @@ OWNER = {
     "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
     "export.threads": {"quantize"},
     "model.trust_remote_code": {"base", "train", "merge", "convert", "quantize", "evaluate"},
-    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": set(), "package": {"package"},
+    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": {"package"}, "package": {"package"},
 }
 
 

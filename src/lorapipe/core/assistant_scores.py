@@ -11,7 +11,7 @@ it survived quantization. These scores can:
   at those positions. `finetune_kept` = 1 - KLD(merged || quant) / KLD(merged || base): 1 when the
   quantized file predicts like the fine-tune, 0 when it predicts like the base it came from. A base
   taken from a quantized GGUF sits on that file's grid, and a LoRA update smaller than half a
-  quantization step is rounded away by quantizing to the same type again (docs/toolchain.md).
+  quantization step is rounded away by quantizing to the same type again (docs/toolchain.md#requantize).
 """
 
 from __future__ import annotations

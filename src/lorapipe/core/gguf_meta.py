@@ -59,7 +59,7 @@ def sentencepiece_model(path_or_reader, out: str | Path) -> Path | None:
 
     Why: transformers loads a GGUF's tokenizer as a fast tokenizer and re-saves only tokenizer.json,
     so llama.cpp's converter would take its BPE route and identify the vocabulary by a hash that
-    only matches by coincidence (docs/toolchain.md). The GGUF holds every piece with its score and
+    only matches by coincidence (docs/toolchain.md#gguf-source). The GGUF holds every piece with its score and
     type (GGUF token types are SentencePiece's enum); the normaliser settings follow its
     add_space_prefix key. Byte fallback and BPE merging by score are what llama.cpp's SPM tokenizer
     implements, so the rebuilt model tokenizes as the GGUF does.

@@ -1,7 +1,7 @@
 """Checks and fixes for plain HF model folders (models/base, models/merged) that stages hand to
 transformers and to llama.cpp's converter.
 
-Two transformers-5 habits break the GGUF converter (TOOLCHAIN.md): it no longer writes
+Two transformers-5 habits break the GGUF converter (docs/toolchain.md#tokenizer-resave): it no longer writes
 `added_tokens_decoder` into tokenizer_config.json (the converter reads token types from it, so
 `<|im_end|>`/`<end_of_turn>` would become NORMAL tokens that llama.cpp splits and never stops on),
 and it does not write `tokenizer.model` again for a SentencePiece tokenizer (the converter then takes
@@ -69,7 +69,7 @@ BF16_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
 
 def resolve_outtype(outtype: str, model_dir: str | Path) -> str:
-    """The converter's --outtype for export.outtype (docs/toolchain.md, "fp16 overflow")."""
+    """The converter's --outtype for export.outtype (docs/toolchain.md#fp16-overflow)."""
     if outtype not in OUTTYPES:
         raise LorapipeError(f"export.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if outtype != "auto":

@@ -110,7 +110,7 @@ def check_same_ids(tokenizer, hf_ids: list[int], llama_ids: list[int], gguf: str
         f"the eval text tokenizes differently in transformers and in llama.cpp ({gguf}): "
         f"HF {len(ours)} tokens, llama.cpp {len(llama_ids)}, first difference at token {first}\n"
         f"  HF        {ours[lo:hi]}  {pieces(ours[lo:hi])}\n  llama.cpp {llama_ids[lo:hi]}  {pieces(llama_ids[lo:hi])}\n"
-        "perplexities would not be comparable: the converted tokenizer is wrong (see TOOLCHAIN.md pitfalls)")
+        "perplexities would not be comparable: the converted tokenizer is wrong (docs/toolchain.md#tokenizer-resave)")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from lorapipe.core.templates import TEMPLATE_STOP, TEMPLATES, preset_by_name, te
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files of an HF folder worth keeping; tokenizer.model matters for SentencePiece models (the
-# converter needs it and transformers 5 does not write it again, see TOOLCHAIN.md).
+# converter needs it and transformers 5 does not write it again, see docs/toolchain.md#tokenizer-resave).
 HF_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -77,7 +77,7 @@ def _save_from_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantized to torch tensors, but transformers still marks the model
-    # as "quantized with gguf" and refuses to serialise it; drop that state (TOOLCHAIN.md).
+    # as "quantized with gguf" and refuses to serialise it; drop that state (docs/toolchain.md#gguf-source).
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):

@@ -242,8 +242,6 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
 
 def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str, dict], lock: dict,
                commit: str, changed: list[str] | None, ollama_name: str) -> str:
-    from lorapipe.params import ServeParams
-
     rec, from_lock = recorded_params(lock, params)
     model = _get(rec, "model") or {}
     name = meta.get("general.name") or "lorapipe-model"
@@ -254,13 +252,13 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
         base = f"{preset.hub_id} (embedded copy)"
     quant = params.export.quant
     L = ["---", f"base_model: {json.dumps(base, ensure_ascii=False)}", "tags: [lorapipe, lora, gguf, chat]",
-         f"license: {json.dumps(params.package.license or 'other')}", "---", "",
+         f"license: {json.dumps(params.package.license or 'unknown')}", "---", "",
          f"# {name}", "", *([description, ""] if description else []),
          f"A LoRA fine-tune of **{base}** built by lorapipe: merged, converted to GGUF and quantized to **{quant}** "
          f"(`{gguf.as_posix()}`, {gguf.stat().st_size / 1e6:.1f} MB, architecture "
          f"`{meta.get('general.architecture', '?')}`, chat template: {family}).", ""]
     if not params.package.license:
-        L += ["License: that of the base model (see its model card).", ""]
+        L += ["License: unknown — set `package.license` to the base model's license (see its model card).", ""]
     if not from_lock:
         L += ["> Params below are read from params.yaml: no dvc.lock yet (run through `dvc repro` for the "
               "recorded ones).", ""]
@@ -288,6 +286,21 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
         rows.append(("export.outtype", _get(rec, "export.outtype")))
     rows.append(("export.quant", quant))
     L += _table(("param", "value"), rows)
+    parity = metrics.get("quantize.json", {}).get("parity", {})
+    evaluation = metrics.get("eval.json", {})
+    if parity or evaluation:
+        L += ["", "## Gates", ""]
+    if parity.get("stops_on_its_own") is False:
+        L += [f"- **Does not stop on its own**: greedy answers of the fine-tuned model (HF and GGUF alike) ended on the "
+              f"end-of-turn token in only {parity.get('hf_stop_fraction', 0):.0%} of the checked prompts within "
+              f"{_get(rec, 'export.parity.max_new_tokens', params.export.parity.max_new_tokens)} tokens. Chat answers "
+              "will run to the length limit: start from an instruct checkpoint or train longer."]
+    elif parity:
+        L += [f"- Stops on its own: the GGUF ends its answers wherever the HF model does "
+              f"({parity.get('hf_stop_fraction', 0):.0%} of the checked prompts)."]
+    if evaluation.get("finetune_kept") is not None:
+        L += [f"- The quantized file keeps {evaluation['finetune_kept']:.0%} of the fine-tune (1 − KLD to the "
+              "fine-tuned model / KLD of the base, on assistant tokens)."]
     L += ["", "## Metrics", ""]
     if not metrics:
         L += ["(no metrics/*.json found)", ""]
@@ -301,8 +314,7 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
     L += [f"- git commit: `{commit}`{state}", "- artifacts (md5 from dvc.lock; `.dir` = a folder's manifest):", ""]
     outs = lock_outs(lock)
     L += _table(("stage", "path", "md5", "bytes"), outs) if outs else ["(no dvc.lock yet: run `dvc repro`)"]
-    sp = ServeParams()  # the defaults; `lorapipe serve --host/--port` or params serve.* change them
-    url = f"http://{sp.host}:{sp.port}"
+    url = f"http://{params.serve.host}:{params.serve.port}"
     L += ["", "## How to run it", "",
           "```bash",
           "lorapipe chat                          # quantized GGUF through llama.cpp (/reset, /system <text>, /exit)",
