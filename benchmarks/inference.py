@@ -2,7 +2,7 @@
 memory-bandwidth bound, side by side in one run.
 
     .venv/bin/python benchmarks/inference.py [--merged models/merged] [--gguf models/gguf/model-q4_k_m.gguf]
-        [--ref-gguf models/gguf/model-f16.gguf] [--threads 2] [--prompt-tokens 64] [--gen-tokens 64]
+        [--ref-gguf models/gguf/model-auto.gguf] [--threads 2] [--prompt-tokens 64] [--gen-tokens 64]
     .venv/bin/python benchmarks/inference.py --shape qwen2.5-1.5b-instruct
 
 Defaults are the pipeline's outputs (core/paths.py with export.quant / export.outtype and

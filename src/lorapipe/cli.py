@@ -17,7 +17,7 @@ STAGE_HELP = {
     "clean": "validate, filter, dedupe and split (data/clean/, metrics/data.json)",
     "train": "LoRA fine-tune the base model (models/adapter/, metrics/train.json)",
     "merge": "merge the adapter into the base (models/merged/)",
-    "convert": "convert the merged model to GGUF with llama.cpp (models/gguf/model-f16.gguf)",
+    "convert": "convert the merged model to GGUF with llama.cpp (models/gguf/model-<export.outtype>.gguf)",
     "quantize": "quantize the GGUF with llama-quantize and check parity (models/gguf/model-<quant>.gguf)",
     "evaluate": "perplexity, KLD, size and speed of every variant (metrics/eval.json)",
     "package": "write the Ollama Modelfile and the model card (models/gguf/Modelfile, models/README.md)",
