@@ -15,11 +15,9 @@ import json
 from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.templates import END_OF_TURN_TOKENS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# Tokens that close a turn in the chat templates we know (ChatML, Gemma, Llama 3); the first one the
-# template uses is the model's end-of-turn (EOT) token.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 
 
 def check_folder(folder: str | Path, what: str, *, weights: bool = True, tokenizer: bool = True) -> Path:
@@ -143,7 +141,8 @@ def restore_added_tokens_decoder(folder: str | Path) -> int:
 
 
 def end_of_turn_token(chat_template: str | None, vocab: dict[str, int]) -> str | None:
-    """The token that closes an assistant turn in this template, if it is one we know and in vocab."""
+    """The token that closes an assistant turn in this template, if it is one we know
+    (templates.END_OF_TURN_TOKENS) and in vocab: the one the template writes first."""
     if not chat_template:
         return None
     used = [t for t in END_OF_TURN_TOKENS if t in chat_template and t in vocab]
