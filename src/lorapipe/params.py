@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorapipe.core.hfmodel import OUTTYPES
+from lorapipe.core.hfmodel import DTYPES, OUTTYPES
 
 
 class ParamsError(ValueError):
@@ -97,19 +97,17 @@ class ChitchatSource(_Source):
     max_conversations: int | None = Field(300, gt=0)  # first N by sorted conversation id; null = all
 
 
-SourceParams = Annotated[
-    Union[
-        ShareGPTSource,
-        LlamaFactorySource,
-        EmpatheticDialoguesSource,
-        DailyDialogSource,
-        EmotionLinesSource,
-        ChatterbotSource,
-        ChitchatSource,
-    ],
-    Field(discriminator="type"),
-]
-SOURCE_TYPES = ("sharegpt", "llamafactory", "empathetic_dialogues", "daily_dialog", "emotion_lines", "chatterbot", "chitchat")
+# The one list of source types: each model's `type` tag, and a module of that name in lorapipe.sources.
+_SOURCE_MODELS = (ShareGPTSource, LlamaFactorySource, EmpatheticDialoguesSource, DailyDialogSource, EmotionLinesSource,
+                  ChatterbotSource, ChitchatSource)
+
+
+def _source_type(model: type[BaseModel]) -> str:
+    return model.model_fields["type"].annotation.__args__[0]
+
+
+SourceParams = Annotated[Union[_SOURCE_MODELS], Field(discriminator="type")]
+SOURCE_TYPES = tuple(_source_type(m) for m in _SOURCE_MODELS)
 
 
 class CleanParams(Section):
@@ -174,7 +172,7 @@ class LoraParams(Section):
 
 
 class MergeParams(Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -279,7 +277,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         fields = getattr(current, "model_fields", None)
         if fields is None:
             # Inside a discriminated union: the tag (a source type) names the model.
-            current = next((m for m in _SOURCE_MODELS if m.model_fields["type"].annotation.__args__[0] == part), None)
+            current = next((m for m in _SOURCE_MODELS if _source_type(m) == part), None)
             if current is None:
                 return []
             continue
@@ -296,7 +294,6 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(fields) if fields else []
 
 
-_SOURCE_MODELS = (ShareGPTSource, LlamaFactorySource, EmpatheticDialoguesSource, DailyDialogSource, EmotionLinesSource, ChatterbotSource, ChitchatSource)
 
 
 def _describe(err: dict, source: str) -> str:

@@ -28,13 +28,8 @@ from lorapipe.core.log import info
 from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, TEMPLATES, preset_by_name, template_by_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files of an HF folder worth keeping; tokenizer.model matters for SentencePiece models (the
-# converter needs it and transformers 5 does not write it again, see docs/toolchain.md#tokenizer-resave).
-HF_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "vocab.json", "merges.txt", "added_tokens.json", "model.safetensors.index.json",
-)
+# Files of an HF folder worth keeping besides *.safetensors (and, with trust, *.py).
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *hfmodel.TOKENIZER_FILES)
 
 
 def embedded_origin(gguf: Path) -> str:
