@@ -182,7 +182,7 @@ class ParityParams(Section):
     # ggml rounds activations to f16 for f16 matmuls), so 0.25 flags real breakage, not rounding.
     max_abs_logit_diff: float = Field(0.25, gt=0)
     # Share of prompt positions where the converted GGUF's top-1 token equals HF's. Not 1.0: F16
-    # rounding (max |Δlogit| ~0.003 measured) flips near-ties, and a chat prompt has some.
+    # rounding (max |Δlogit| ~0.003 on tiny models, above) flips near-ties, and a chat prompt has some.
     min_argmax_agreement: float = Field(0.98, ge=0, le=1)
     min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
     # Greedy answer length for the stop check: the GGUF must end its answer wherever the HF merged
@@ -204,7 +204,7 @@ class ExportParams(Section):
 # -------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     # Perplexity context (tokens) and most chunks scored; a shorter eval split gets a shorter context.
-    # 16 x 256 scores 2032 tokens per variant: about 2 minutes for the whole stage on SmolLM2-135M, 2 cores.
+    # 16 x 256 scores 2032 tokens per variant.
     ctx: int = Field(256, gt=0)
     max_chunks: int = Field(16, gt=0)
     threads: int = Field(2, gt=0)  # CPU threads for every timed or scored run (HF and llama.cpp)

@@ -7,9 +7,9 @@ llama.cpp says what went wrong.
 
 The tools log through an asynchronous logger whose singleton is deliberately never destroyed
 (common/log.cpp), so lines still queued when the process exits are lost: a load error can come back
-as an empty stderr, and a result printed just before exit can be missing. Measured here: an
-immediate load failure lost all its output in 2 of 3 runs. `run_tool` therefore runs a tool a
-second time when it failed silently or when the line the caller `expect`s is missing.
+as an empty stderr, and a result printed just before exit can be missing; an immediate load
+failure often loses all of its output. `run_tool` therefore runs a tool a second time when it
+failed silently or when the line the caller `expect`s is missing.
 """
 
 from __future__ import annotations

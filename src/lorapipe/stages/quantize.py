@@ -28,7 +28,7 @@ from lorapipe.core.log import info
 
 METRICS = paths.METRICS_DIR / "quantize.json"
 IMATRIX_CTX = 128  # short chunks: the train split of a small fine-tune is short, and tiny test models too
-IMATRIX_MAX_CHUNKS = 100  # ~13k tokens: enough for a small model's activations, ~40 s on 2 cores
+IMATRIX_MAX_CHUNKS = 100  # ~13k tokens: enough for a small model's activations
 
 
 @functools.lru_cache(maxsize=1)
