@@ -69,3 +69,14 @@ def test_every_source_type_has_its_adapter_module():
         assert callable(sources.adapter(source_type).read)
     with pytest.raises(ValueError, match="unknown source type"):
         sources.adapter("_common")
+
+
+def test_cli_fails_loudly_when_a_command_module_does_not_import(monkeypatch):
+    """A command whose module cannot be imported is an error, not a silently missing subcommand."""
+    import sys
+
+    from lorapipe import cli
+
+    monkeypatch.setitem(sys.modules, "lorapipe.serve", None)  # importing it now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        cli.build_parser()
