@@ -5,8 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 
-LLAMA_CPP_PYTHON_VERSION := 0.3.36
-LLAMA_CPP_PYTHON_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+# The llama.cpp pin lives in src/lorapipe/core/llamacpp.py (read with sed: no venv exists yet).
+LLAMACPP_PY := src/lorapipe/core/llamacpp.py
+LLAMA_CPP_PYTHON_VERSION := $(shell sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"$$/\1/p' $(LLAMACPP_PY))
+LLAMA_CPP_PYTHON_SHA256 := $(shell sed -n 's/^LLAMA_CPP_PYTHON_SHA256 = "\(.*\)"$$/\1/p' $(LLAMACPP_PY))
+ifeq ($(and $(LLAMA_CPP_PYTHON_VERSION),$(LLAMA_CPP_PYTHON_SHA256)),)
+$(error could not read LLAMA_CPP_PYTHON_VERSION/SHA256 from $(LLAMACPP_PY))
+endif
 LORAPIPE_CACHE ?= $(HOME)/.cache/lorapipe
 export LORAPIPE_CACHE
 LORAPIPE_LLAMA_CPP ?= $(LORAPIPE_CACHE)/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)

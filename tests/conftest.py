@@ -19,6 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "sources"
 
 
+def write_jsonl(path: str | Path, rows) -> None:
+    """Rows one per line, as the stages write them (core/io.dump_jsonl_line)."""
+    from lorapipe.core.io import dump_jsonl_line
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(dump_jsonl_line(row) for row in rows)
+
+
 def source_context(name: str, type: str, **source):
     """The ingest adapters' Context of the one data.sources entry {name, type, **source}, parsed as params."""
     from lorapipe.params import parse

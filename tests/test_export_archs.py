@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_lora_adapter, build_tiny_model
+from conftest import build_lora_adapter, build_tiny_model, write_jsonl
 from lorapipe.core import gguf_meta, llamacpp
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import write_jsonl
 from lorapipe.params import ExportParams, MergeParams, ParityParams, Params
 from lorapipe.stages import convert, merge, quantize
 from test_export import EVAL_ROWS

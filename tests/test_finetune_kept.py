@@ -16,11 +16,10 @@ import json
 
 import pytest
 
-from conftest import build_lora_adapter, build_tiny_model
+from conftest import build_lora_adapter, build_tiny_model, write_jsonl
 from lorapipe import params as params_mod
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import write_jsonl
 from test_evaluate import eval_rows
 
 EVAL = {"threads": 1, "ctx": 64, "max_chunks": 4, "max_new_tokens": 4, "speed_prompt_tokens": 8, "speed_gen_tokens": 4,

@@ -12,7 +12,7 @@ import pytest
 from lorapipe import params as params_mod
 from lorapipe.core import gguf_meta, paths
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import write_jsonl
+from conftest import write_jsonl
 from test_minicpm_fixture import make_tiny_minicpm
 
 ROWS = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "source": "t", "origin": f"t:{i}"}

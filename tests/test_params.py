@@ -59,3 +59,24 @@ def test_cli_reports_params_error_without_traceback(tmp_path, capsys, monkeypatc
     assert main(["train"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'lora.rnak' (did you mean 'rank'?)" in err and "Traceback" not in err
+
+
+def test_every_source_type_has_its_adapter_module():
+    """params.SOURCE_TYPES is the one list of source types; each must name a module in lorapipe.sources."""
+    from lorapipe import sources
+
+    for source_type in params.SOURCE_TYPES:
+        assert callable(sources.adapter(source_type).read)
+    with pytest.raises(ValueError, match="unknown source type"):
+        sources.adapter("_common")
+
+
+def test_cli_fails_loudly_when_a_command_module_does_not_import(monkeypatch):
+    """A command whose module cannot be imported is an error, not a silently missing subcommand."""
+    import sys
+
+    from lorapipe import cli
+
+    monkeypatch.setitem(sys.modules, "lorapipe.serve", None)  # importing it now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        cli.build_parser()

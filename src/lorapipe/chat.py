@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from lorapipe.core import paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
-from lorapipe.core.hfmodel import END_OF_TURN_TOKENS, check_folder, load_causal_lm, load_tokenizer, stop_token_ids
+from lorapipe.core.hfmodel import check_folder, load_causal_lm, load_tokenizer, stop_token_ids
+from lorapipe.core.templates import END_OF_TURN_TOKENS
 
 HELP = "chat with the model in the terminal (quantized GGUF via llama.cpp, or the merged HF model)"
 

@@ -49,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.set_defaults(handler=_run_stage)
     for module_name in ("chat", "serve", "import_llamafactory"):
-        try:
-            module = importlib.import_module(f"lorapipe.{module_name}")
-        except ModuleNotFoundError:
-            continue  # command not built yet
+        module = importlib.import_module(f"lorapipe.{module_name}")  # a broken import fails here, loudly
         p = sub.add_parser(module_name.replace("_", "-"), help=module.HELP, description=module.HELP)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         module.add_arguments(p)

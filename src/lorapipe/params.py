@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorapipe.core.hfmodel import OUTTYPES
+from lorapipe.core.hfmodel import DTYPES, OUTTYPES
 
 
 class ParamsError(ValueError):
@@ -97,19 +97,17 @@ class ChitchatSource(_Source):
     max_conversations: int | None = Field(300, gt=0)  # first N by sorted conversation id; null = all
 
 
-SourceParams = Annotated[
-    Union[
-        ShareGPTSource,
-        LlamaFactorySource,
-        EmpatheticDialoguesSource,
-        DailyDialogSource,
-        EmotionLinesSource,
-        ChatterbotSource,
-        ChitchatSource,
-    ],
-    Field(discriminator="type"),
-]
-SOURCE_TYPES = ("sharegpt", "llamafactory", "empathetic_dialogues", "daily_dialog", "emotion_lines", "chatterbot", "chitchat")
+# The one list of source types: each model's `type` tag, and a module of that name in lorapipe.sources.
+_SOURCE_MODELS = (ShareGPTSource, LlamaFactorySource, EmpatheticDialoguesSource, DailyDialogSource, EmotionLinesSource,
+                  ChatterbotSource, ChitchatSource)
+
+
+def _source_type(model: type[BaseModel]) -> str:
+    return model.model_fields["type"].annotation.__args__[0]
+
+
+SourceParams = Annotated[Union[_SOURCE_MODELS], Field(discriminator="type")]
+SOURCE_TYPES = tuple(_source_type(m) for m in _SOURCE_MODELS)
 
 
 class CleanParams(Section):
@@ -174,7 +172,7 @@ class LoraParams(Section):
 
 
 class MergeParams(Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -184,7 +182,7 @@ class ParityParams(Section):
     # ggml rounds activations to f16 for f16 matmuls), so 0.25 flags real breakage, not rounding.
     max_abs_logit_diff: float = Field(0.25, gt=0)
     # Share of prompt positions where the converted GGUF's top-1 token equals HF's. Not 1.0: F16
-    # rounding (max |Δlogit| ~0.003 measured) flips near-ties, and a chat prompt has some.
+    # rounding (max |Δlogit| ~0.003 on tiny models, above) flips near-ties, and a chat prompt has some.
     min_argmax_agreement: float = Field(0.98, ge=0, le=1)
     min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
     # Greedy answer length for the stop check: the GGUF must end its answer wherever the HF merged
@@ -206,7 +204,7 @@ class ExportParams(Section):
 # -------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     # Perplexity context (tokens) and most chunks scored; a shorter eval split gets a shorter context.
-    # 16 x 256 scores 2032 tokens per variant: about 2 minutes for the whole stage on SmolLM2-135M, 2 cores.
+    # 16 x 256 scores 2032 tokens per variant.
     ctx: int = Field(256, gt=0)
     max_chunks: int = Field(16, gt=0)
     threads: int = Field(2, gt=0)  # CPU threads for every timed or scored run (HF and llama.cpp)
@@ -279,7 +277,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         fields = getattr(current, "model_fields", None)
         if fields is None:
             # Inside a discriminated union: the tag (a source type) names the model.
-            current = next((m for m in _SOURCE_MODELS if m.model_fields["type"].annotation.__args__[0] == part), None)
+            current = next((m for m in _SOURCE_MODELS if _source_type(m) == part), None)
             if current is None:
                 return []
             continue
@@ -296,7 +294,6 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(fields) if fields else []
 
 
-_SOURCE_MODELS = (ShareGPTSource, LlamaFactorySource, EmpatheticDialoguesSource, DailyDialogSource, EmotionLinesSource, ChatterbotSource, ChitchatSource)
 
 
 def _describe(err: dict, source: str) -> str:

@@ -15,11 +15,15 @@ import json
 from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.templates import END_OF_TURN_TOKENS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# Tokens that close a turn in the chat templates we know (ChatML, Gemma, Llama 3); the first one the
-# template uses is the model's end-of-turn (EOT) token.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+# The files a tokenizer is made of, wherever a stage copies one (base keeps them, merge copies them
+# byte for byte from the base). tokenizer.model matters for SentencePiece models: the converter needs
+# it and transformers 5 does not write it again (docs/toolchain.md#tokenizer-resave).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# A tokenizer's vocabulary: a folder needs at least one of these.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def check_folder(folder: str | Path, what: str, *, weights: bool = True, tokenizer: bool = True) -> Path:
@@ -38,8 +42,8 @@ def check_folder(folder: str | Path, what: str, *, weights: bool = True, tokeniz
                 f"re-save {what} with safetensors (save_pretrained(..., safe_serialization=True))")
         raise LorapipeError(f"{folder}: no *.safetensors weights in {what}")
     if tokenizer:
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise LorapipeError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in {what}")
+        if not any((folder / name).is_file() for name in VOCAB_FILES):
+            raise LorapipeError(f"{folder}: no tokenizer ({' or '.join(VOCAB_FILES)}) in {what}")
         if not (folder / "tokenizer_config.json").is_file():
             raise LorapipeError(f"{folder}/tokenizer_config.json: missing in {what}")
     return folder
@@ -57,6 +61,11 @@ def check_adapter(folder: str | Path) -> Path:
                 "save the adapter with safetensors (peft's save_pretrained default)")
         raise LorapipeError(f"{folder}/adapter_model.safetensors: missing")
     return folder
+
+
+# ------------------------------------------------------------------------------ dtypes
+# merge.dtype values: the torch dtypes the base is loaded (and the merged model saved) in.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ------------------------------------------------------------------------------ GGUF outtype
@@ -143,7 +152,8 @@ def restore_added_tokens_decoder(folder: str | Path) -> int:
 
 
 def end_of_turn_token(chat_template: str | None, vocab: dict[str, int]) -> str | None:
-    """The token that closes an assistant turn in this template, if it is one we know and in vocab."""
+    """The token that closes an assistant turn in this template, if it is one we know
+    (templates.END_OF_TURN_TOKENS) and in vocab: the one the template writes first."""
     if not chat_template:
         return None
     used = [t for t in END_OF_TURN_TOKENS if t in chat_template and t in vocab]

@@ -22,7 +22,7 @@ def gguf_speed(gguf: str | Path, *, prompt_tokens: int, gen_tokens: int, threads
 
     With flash attention on (-fa 1): llama-bench's default is off, but llama-completion and
     llama-server (what `lorapipe chat` / `serve` run) default to "auto", which picks the flash
-    attention kernel on CPU; measured here it decodes ~12% faster. So the figure is what users get.
+    attention kernel on CPU, which decodes faster there. So the figure is what users get.
     """
     what = f"llama-bench on {gguf}"
     res = run_tool("llama-bench", ["-m", gguf, "-p", prompt_tokens, "-n", gen_tokens, "-t", threads,

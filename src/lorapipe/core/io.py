@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 
 def _remove(path: Path) -> None:
@@ -66,16 +66,6 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def dump_jsonl_line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows atomically; return how many were written."""
-    n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(dump_jsonl_line(row))
-            n += 1
-    return n
 
 
 class JsonlLine:

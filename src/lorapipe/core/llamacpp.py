@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The pinned llama.cpp: the llama-cpp-python sdist that vendors it, and that sdist's sha256. This is
+# the one place they are written; the Makefile reads both lines from here (`make setup` fetches and
+# checks the sdist before any virtualenv exists, so it reads them with sed, not by importing this).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 
 class LlamaCppMissing(RuntimeError):

@@ -7,9 +7,9 @@ llama.cpp says what went wrong.
 
 The tools log through an asynchronous logger whose singleton is deliberately never destroyed
 (common/log.cpp), so lines still queued when the process exits are lost: a load error can come back
-as an empty stderr, and a result printed just before exit can be missing. Measured here: an
-immediate load failure lost all its output in 2 of 3 runs. `run_tool` therefore runs a tool a
-second time when it failed silently or when the line the caller `expect`s is missing.
+as an empty stderr, and a result printed just before exit can be missing; an immediate load
+failure often loses all of its output. `run_tool` therefore runs a tool a second time when it
+failed silently or when the line the caller `expect`s is missing.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class ToolResult:
 
 
 def tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last non-blank lines of a tool's output, indented: every failure message that quotes a
+    tool (llama.cpp's, and convert's converter script) ends with this."""
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return "\n".join("    " + line for line in kept)
 
@@ -52,13 +54,13 @@ def tool_error(what: str, result: ToolResult, reason: str) -> LorapipeError:
 
 
 def run_tool(name: str, args: list[str | Path], *, what: str, timeout: float | None = None,
-             expect: str | None = None, attempts: int = 2) -> ToolResult:
+             expect: str | None = None, attempts: int = 2, cwd: str | Path | None = None) -> ToolResult:
     """Run `name` (e.g. 'llama-perplexity') with `args`; raise LorapipeError with the stderr tail on failure.
 
     `what` says in words what the run was for ("perplexity of models/gguf/model-f16.gguf"). `expect`
     is a regex the output must contain (the result line); a run without it, or a failed run whose
     output was lost, is repeated up to `attempts` times (module docstring). A result still lacking
-    `expect` is returned: the caller explains what is missing.
+    `expect` is returned: the caller explains what is missing. `cwd` is the folder the tool runs in.
     """
     try:
         exe = tool(name)
@@ -74,7 +76,7 @@ def run_tool(name: str, args: list[str | Path], *, what: str, timeout: float | N
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, env=env,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, cwd=cwd)
         except subprocess.TimeoutExpired as exc:
             out = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
             raise tool_error(what, ToolResult(argv, "", out), f"{name} did not finish within {timeout:.0f} s") from None

@@ -28,7 +28,7 @@ import torch
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import iter_jsonl
-from lorapipe.core.templates import TEMPLATE_STOP, template_by_name
+from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, template_by_name
 
 IGNORE_INDEX = -100
 
@@ -74,8 +74,9 @@ def stop_strings(tokenizer, generation_config=None, template_name: str | None = 
     for token in tokenizer.convert_ids_to_tokens(ids):
         if token and token not in stops:
             stops.append(token)
-    # Gemma's turn end is not its EOS; recognise the known turn-end markers when the vocabulary has them.
-    for marker in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
+    # Gemma's turn end is not its EOS; recognise the known turn-end markers when the vocabulary has them
+    # (their order does not matter: a span ends at the nearest one).
+    for marker in END_OF_TURN_TOKENS:
         if marker not in stops and marker in tokenizer.get_vocab():
             stops.append(marker)
     return stops

@@ -48,8 +48,15 @@ GEMMA = (
 )
 
 TEMPLATES = {"chatml": CHATML, "qwen": QWEN, "gemma": GEMMA}
+
+# Tokens that close a turn in the chat templates we know (ChatML, Gemma, Llama 3, Phi-3). This is the
+# one list of them: hfmodel.end_of_turn_token picks a model's end-of-turn token from it, base adds it
+# to generation_config's eos ids, sft ends assistant spans on it, chat and package stop on it. base
+# takes the first one in this order that its template contains.
+CHATML_STOP, GEMMA_STOP = "<|im_end|>", "<end_of_turn>"
+END_OF_TURN_TOKENS = (CHATML_STOP, GEMMA_STOP, "<|eot_id|>", "<|end|>")
 # The token that closes an assistant turn in each template (the model's EOS/EOT for generation).
-TEMPLATE_STOP = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "gemma": "<end_of_turn>"}
+TEMPLATE_STOP = {"chatml": CHATML_STOP, "qwen": CHATML_STOP, "gemma": GEMMA_STOP}
 
 
 @dataclass(frozen=True)

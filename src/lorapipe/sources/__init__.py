@@ -8,13 +8,13 @@ The modules are imported on use, so a run pays only for the adapters its params 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
-
-# params `type` -> module in this package (the same names as lorapipe.params.SOURCE_TYPES)
-ADAPTERS = ("sharegpt", "llamafactory", "empathetic_dialogues", "daily_dialog", "emotion_lines", "chatterbot", "chitchat")
 
 
 def adapter(source_type: str) -> ModuleType:
-    if source_type not in ADAPTERS:
-        raise ValueError(f"unknown source type {source_type!r}; valid types: {', '.join(ADAPTERS)}")
+    """The module for a params source `type`. The valid types are listed once, in
+    lorapipe.params.SOURCE_TYPES (params are validated before any stage runs); each names a module here."""
+    if source_type.startswith("_") or importlib.util.find_spec(f"lorapipe.sources.{source_type}") is None:
+        raise ValueError(f"unknown source type {source_type!r} (the valid ones: lorapipe.params.SOURCE_TYPES)")
     return importlib.import_module(f"lorapipe.sources.{source_type}")

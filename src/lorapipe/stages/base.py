@@ -25,16 +25,11 @@ from lorapipe.core import gguf_meta, hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
-from lorapipe.core.templates import TEMPLATE_STOP, TEMPLATES, preset_by_name, template_by_name
+from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, TEMPLATES, preset_by_name, template_by_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files of an HF folder worth keeping; tokenizer.model matters for SentencePiece models (the
-# converter needs it and transformers 5 does not write it again, see docs/toolchain.md#tokenizer-resave).
-HF_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "vocab.json", "merges.txt", "added_tokens.json", "model.safetensors.index.json",
-)
+# Files of an HF folder worth keeping besides *.safetensors (and, with trust, *.py).
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *hfmodel.TOKENIZER_FILES)
 
 
 def embedded_origin(gguf: Path) -> str:
@@ -178,7 +173,8 @@ def _resolve_template(params, out: Path) -> tuple[str, str | None]:
 def _stop_token(template: str, name: str | None) -> str | None:
     if name:
         return TEMPLATE_STOP[name]
-    for token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "</s>"):
+    # "</s>" last: a Llama-2-style template ends a turn with the EOS token itself.
+    for token in (*END_OF_TURN_TOKENS, "</s>"):
         if token in template:
             return token
     return None

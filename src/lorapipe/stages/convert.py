@@ -22,6 +22,7 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, hfmodel, llamacpp, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path
+from lorapipe.core.llamacpp_run import tail
 from lorapipe.core.log import info
 
 PRETOKENIZER_HINT = (
@@ -32,18 +33,14 @@ PRETOKENIZER_HINT = (
 )
 
 
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
-
-
 def _converter_error(merged: Path, out: str) -> LorapipeError:
     if m := re.search(r"Model (\S+) is not supported", out):
         return LorapipeError(
             f"{merged}/config.json: architecture {m.group(1)} is not supported by the pinned llama.cpp converter "
             f"(llama.cpp {llamacpp.LLAMA_CPP_PYTHON_VERSION}); see `convert_hf_to_gguf.py --print-supported-models`")
     if "pre-tokenizer was not recognized" in out or "BPE pre-tokenizer" in out:
-        return LorapipeError(f"llama.cpp converter rejected the tokenizer of {merged}:\n{_tail(out)}\n{PRETOKENIZER_HINT}")
-    return LorapipeError(f"llama.cpp converter failed on {merged}:\n{_tail(out)}")
+        return LorapipeError(f"llama.cpp converter rejected the tokenizer of {merged}:\n{tail(out)}\n{PRETOKENIZER_HINT}")
+    return LorapipeError(f"llama.cpp converter failed on {merged}:\n{tail(out)}")
 
 
 def _converter_view(merged: Path, view: Path) -> Path:

@@ -21,9 +21,6 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path
 from lorapipe.core.log import info
 
-DTYPES = ("float32", "float16", "bfloat16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32", *,
@@ -32,8 +29,8 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     from peft import PeftModel
     from transformers import GenerationConfig
 
-    if dtype not in DTYPES:
-        raise LorapipeError(f"merge.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in hfmodel.DTYPES:
+        raise LorapipeError(f"merge.dtype: {dtype!r} is not one of {', '.join(hfmodel.DTYPES)}")
     base_dir, adapter_dir = hfmodel.check_folder(base_dir, "the base model"), hfmodel.check_adapter(adapter_dir)
 
     info(f"merge: loading {base_dir} ({dtype}) and adapter {adapter_dir}")
@@ -62,7 +59,7 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
         # under the class the *model type* maps to (a qwen2 folder gets Qwen2Tokenizer, which swaps
         # in Qwen's pre-tokenizer regex, so the converter no longer recognises the tokenizer) and
         # drops tokenizer.model. The merged model must tokenize exactly as the base did.
-        for name in TOKENIZER_FILES:
+        for name in hfmodel.TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, tmp / name)
         if trust_remote_code:  # the merged model is the same architecture: it needs the same code

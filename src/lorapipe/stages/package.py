@@ -27,7 +27,7 @@ import yaml
 from lorapipe.core import gguf_meta, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import write_text
-from lorapipe.core.templates import PRESETS
+from lorapipe.core.templates import CHATML_STOP, GEMMA_STOP, PRESETS
 
 # Ollama templates (Go text/template), after Ollama's own qwen2.5 and gemma3 library templates.
 # System messages reach them as .System (Ollama folds system messages and the Modelfile SYSTEM
@@ -67,8 +67,9 @@ GEMMA_GO = """\
 
 FAMILIES = {
     # family: (markers that identify it, Go template, stop strings, system block opening)
-    "chatml": (("<|im_start|>", "<|im_end|>"), CHATML_GO, ("<|im_end|>", "<|im_start|>"), "<|im_start|>system\n"),
-    "gemma": (("<start_of_turn>", "<end_of_turn>"), GEMMA_GO, ("<end_of_turn>",), None),
+    # (stop strings: the family's end-of-turn token from core/templates.py; ChatML also stops at a new turn)
+    "chatml": (("<|im_start|>", CHATML_STOP), CHATML_GO, (CHATML_STOP, "<|im_start|>"), "<|im_start|>system\n"),
+    "gemma": (("<start_of_turn>", GEMMA_STOP), GEMMA_GO, (GEMMA_STOP,), None),
 }
 
 PROBE = "\u2063lorapipe-probe\u2063"  # a user message no template adds itself

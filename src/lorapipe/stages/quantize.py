@@ -23,16 +23,19 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
+from lorapipe.core.llamacpp_run import run_tool, tool_error
 from lorapipe.core.log import info
 
 METRICS = paths.METRICS_DIR / "quantize.json"
 IMATRIX_CTX = 128  # short chunks: the train split of a small fine-tune is short, and tiny test models too
-IMATRIX_MAX_CHUNKS = 100  # ~13k tokens: enough for a small model's activations, ~40 s on 2 cores
+IMATRIX_MAX_CHUNKS = 100  # ~13k tokens: enough for a small model's activations
 
 
 @functools.lru_cache(maxsize=1)
 def valid_types() -> tuple[str, ...]:
-    """Type names from `llama-quantize --help` ("allowed quantization types" table)."""
+    """Type names from `llama-quantize --help` ("allowed quantization types" table).
+
+    Not through run_tool: llama-quantize prints its help and exits 1, so a failed exit says nothing here."""
     proc = subprocess.run([str(llamacpp.tool("llama-quantize")), "--help"], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     table = text.split("allowed quantization types", 1)[-1]
@@ -66,14 +69,14 @@ def compute_imatrix(ref_gguf: Path, text: str, out: Path, threads: int = 2) -> P
     """
     with tempfile.TemporaryDirectory(prefix="lorapipe-imatrix-") as work:
         (Path(work) / "calibration.txt").write_text(text, encoding="utf-8")
-        cmd = [str(llamacpp.tool("llama-imatrix")), "-m", str(Path(ref_gguf).resolve()), "-f", "calibration.txt",
-               "-o", str(Path(out).resolve()), "-c", str(IMATRIX_CTX), "--chunks", str(IMATRIX_MAX_CHUNKS),
-               "-t", str(threads), "--parse-special", "--no-ppl"]
+        args = ["-m", Path(ref_gguf).resolve(), "-f", "calibration.txt", "-o", Path(out).resolve(),
+                "-c", str(IMATRIX_CTX), "--chunks", str(IMATRIX_MAX_CHUNKS), "-t", str(threads),
+                "--parse-special", "--no-ppl"]
         info(f"quantize: computing importance matrix over {len(text)} characters")
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
-        if proc.returncode != 0 or not out.is_file():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise LorapipeError(f"llama-imatrix failed on {paths.TRAIN_JSONL} (needs at least {2 * IMATRIX_CTX} tokens):\n{tail}")
+        what = f"importance matrix over {paths.TRAIN_JSONL} (needs at least {2 * IMATRIX_CTX} tokens)"
+        result = run_tool("llama-imatrix", args, what=what, cwd=work)
+        if not out.is_file():
+            raise tool_error(what, result, "llama-imatrix wrote no imatrix")
     return out
 
 
@@ -81,14 +84,10 @@ def quantize_file(ref_gguf: Path, out: Path, quant: str, *, imatrix: Path | None
     """llama-quantize ref_gguf -> out. With an imatrix it runs in the imatrix's folder and names the
     file bare: llama-quantize records the name as given in the output (quantize.imatrix.file), and
     the same inputs must give the same bytes wherever the temporary folder is."""
-    cmd = [str(llamacpp.tool("llama-quantize"))]
-    if imatrix is not None:
-        cmd += ["--imatrix", imatrix.name]
-    cmd += [str(Path(ref_gguf).resolve()), str(Path(out).resolve()), quant, str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=imatrix.parent if imatrix is not None else None)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise LorapipeError(f"llama-quantize {quant} failed on {ref_gguf}:\n{tail}")
+    args: list[str | Path] = ["--imatrix", imatrix.name] if imatrix is not None else []
+    args += [Path(ref_gguf).resolve(), Path(out).resolve(), quant, str(threads)]
+    run_tool("llama-quantize", args, what=f"quantizing {ref_gguf} to {quant}",
+             cwd=imatrix.parent if imatrix is not None else None)
 
 
 def size_metrics(ref_gguf: Path, quant_gguf: Path) -> dict:
