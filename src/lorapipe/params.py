@@ -184,7 +184,10 @@ class ParityParams(Section):
     # Share of prompt positions where the converted GGUF's top-1 token equals HF's. Not 1.0: F16
     # rounding (max |Δlogit| ~0.003 on tiny models, above) flips near-ties, and a chat prompt has some.
     min_argmax_agreement: float = Field(0.98, ge=0, le=1)
-    min_argmax_agreement_quant: float = Field(0.8, ge=0, le=1)
+    # Loose on purpose: a 4-bit small model flips many near-ties, and the figure moves with the CPU
+    # (README has the measured ones); a broken or snapped-back file lands far lower. Whether
+    # quantization kept the fine-tune is evaluate's finer gate (finetune_kept).
+    min_argmax_agreement_quant: float = Field(0.7, ge=0, le=1)
     # Greedy answer length for the stop check: the GGUF must end its answer wherever the HF merged
     # model ends its own within this many tokens (it gets twice as many, for near-tie detours).
     max_new_tokens: int = Field(64, gt=0)
