@@ -20,8 +20,12 @@ LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
 LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-cpu/.built
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-quick bench bench-shapes clean-venv
-setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
+.PHONY: setup browser repro test test-quick bench bench-shapes clean-venv
+setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP) browser
+
+# Headless chromium + chromium-driver for the ui's browser test (a no-op when both are installed).
+browser:
+	scripts/install-browser.sh
 
 $(LLAMA_SRC_STAMP):
 	scripts/fetch-llama-cpp.sh $(LLAMA_CPP_PYTHON_VERSION) $(LLAMA_CPP_PYTHON_SHA256) $(LORAPIPE_LLAMA_CPP)

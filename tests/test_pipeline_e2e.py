@@ -159,13 +159,13 @@ def leaf_keys(node, prefix=""):
 
 
 # Which stage each params key belongs to (the most specific prefix wins). A key that is in no
-# stage's params (chat, serve) reruns nothing: those are commands, not stages.
+# stage's params (chat, serve, ui) reruns nothing: those are commands, not stages.
 OWNER = {
     "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
     "export.outtype": {"convert", "quantize", "evaluate"}, "export.name": {"convert"}, "export.description": {"convert"},
     "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
-    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": set(), "package": {"package"},
+    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": set(), "ui": set(), "package": {"package"},
 }
 
 
