@@ -18,6 +18,7 @@ import numpy as np
 from lorapipe.core import llamacpp
 from lorapipe.core.hfmodel import end_of_turn_token
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.log import progress
 
 
 # ------------------------------------------------------------------------------------- prompts
@@ -210,7 +211,8 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
             rep.failures.append(f"llama.cpp splits {eot_text!r} into {piece} instead of the single token {eot_hf} (token type not CONTROL?)")
 
     # greedy generation stops at an EOG token within max_new_tokens
-    stops = [greedy_stops(llm, ids, parity.max_new_tokens) for ids in ll_ids]
+    stops = [greedy_stops(llm, ids, parity.max_new_tokens)
+             for ids in progress(ll_ids, "quantize: parity, greedy stop", unit="prompt")]
     stop_fraction = sum(s for s, _ in stops) / len(stops)
     need = parity.min_stop_fraction if min_stop_fraction is None else min_stop_fraction
     if stop_fraction < need:
@@ -222,7 +224,7 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
     model.eval()
     diffs, agrees = [], []
     with torch.no_grad():
-        for ids in hf_token_ids:
+        for ids in progress(hf_token_ids, "quantize: parity, logits f16 vs HF", unit="prompt"):
             hf = model(torch.tensor([ids])).logits[0].float().numpy()
             d, a = compare_logits(hf, gguf_logits(llm, ids))
             diffs.append(d)
@@ -257,10 +259,12 @@ def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[l
     rep = Report()
     n_ctx = max(64, max(len(x) for x in prompt_ids) + 8)
     ref = load_gguf(ref_gguf, n_ctx=n_ctx, threads=threads)
-    ref_logits = [gguf_logits(ref, ids) for ids in prompt_ids]
+    ref_logits = [gguf_logits(ref, ids) for ids in progress(prompt_ids, "quantize: parity, f16 logits", unit="prompt")]
     ref.close()
     quant = load_gguf(quant_gguf, n_ctx=n_ctx, threads=threads)
-    diffs, agrees = zip(*(compare_logits(r, gguf_logits(quant, ids)) for r, ids in zip(ref_logits, prompt_ids)))
+    diffs, agrees = zip(*(compare_logits(r, gguf_logits(quant, ids))
+                          for r, ids in progress(list(zip(ref_logits, prompt_ids)), "quantize: parity, quantized logits",
+                                                 unit="prompt")))
     quant.close()
     agreement = float(np.mean(agrees))
     if agreement < parity.min_argmax_agreement_quant:

@@ -24,7 +24,7 @@ from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
 from lorapipe.core.io import write_json, write_text
-from lorapipe.core.log import info
+from lorapipe.core.log import info, progress
 
 METRICS = paths.METRICS_DIR / "eval.json"
 PLOT = paths.PLOTS_DIR / "variants.json"
@@ -70,7 +70,7 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> lis
     stop = hfmodel.stop_token_ids(tokenizer)
     out = []
     with torch.inference_mode():
-        for prompt in prompts:
+        for prompt in progress(prompts, "evaluate: samples (HF)", unit="prompt"):
             ids = torch.tensor([parity.hf_ids(tokenizer, chat_text(tokenizer, prompt))])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, repetition_penalty=1.0, eos_token_id=stop,
@@ -88,7 +88,7 @@ def gguf_answers(gguf: Path, tokenizer, prompts: list[str], max_new_tokens: int,
     llm = parity.load_gguf(gguf, n_ctx=n_ctx, threads=threads)
     out = []
     try:
-        for text in texts:
+        for text in progress(texts, f"evaluate: samples {gguf.name}", unit="prompt"):
             llm.reset()
             new, stopped = [], False
             for token in llm.generate(parity.llama_chat_ids(llm, text), temp=0.0, top_k=1, repeat_penalty=1.0):
@@ -156,7 +156,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
     info("evaluate: HF merged model")
     merged = load_hf(merged_dir)
-    ppl_merged = ppl.hf_perplexity(merged, stream, plan)
+    ppl_merged = ppl.hf_perplexity(merged, stream, plan, desc="evaluate: perplexity HF merged")
     ref_vs_hf = pct(ppl_ref, ppl_merged)
     if abs(ref_vs_hf) > ep.max_ppl_f16_vs_hf_pct:
         raise LorapipeError(
@@ -178,7 +178,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
     info("evaluate: HF base model")
     base = load_hf(base_dir)
-    ppl_base = ppl.hf_perplexity(base, stream, plan)
+    ppl_base = ppl.hf_perplexity(base, stream, plan, desc="evaluate: perplexity HF base")
     answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
     del base
 

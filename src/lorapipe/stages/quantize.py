@@ -23,6 +23,7 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, llamacpp, parity, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
+from lorapipe.core.llamacpp_run import imatrix_progress, run_with_progress, tensor_progress
 from lorapipe.core.log import info
 
 METRICS = paths.METRICS_DIR / "quantize.json"
@@ -70,7 +71,7 @@ def compute_imatrix(ref_gguf: Path, text: str, out: Path, threads: int = 2) -> P
                "-o", str(Path(out).resolve()), "-c", str(IMATRIX_CTX), "--chunks", str(IMATRIX_MAX_CHUNKS),
                "-t", str(threads), "--parse-special", "--no-ppl"]
         info(f"quantize: computing importance matrix over {len(text)} characters")
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        proc = run_with_progress(cmd, imatrix_progress("quantize: importance matrix"), cwd=work)
         if proc.returncode != 0 or not out.is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise LorapipeError(f"llama-imatrix failed on {paths.TRAIN_JSONL} (needs at least {2 * IMATRIX_CTX} tokens):\n{tail}")
@@ -85,7 +86,7 @@ def quantize_file(ref_gguf: Path, out: Path, quant: str, *, imatrix: Path | None
     if imatrix is not None:
         cmd += ["--imatrix", imatrix.name]
     cmd += [str(Path(ref_gguf).resolve()), str(Path(out).resolve()), quant, str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=imatrix.parent if imatrix is not None else None)
+    proc = run_with_progress(cmd, tensor_progress(f"quantize: {quant}"), cwd=imatrix.parent if imatrix is not None else None)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise LorapipeError(f"llama-quantize {quant} failed on {ref_gguf}:\n{tail}")
