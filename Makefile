@@ -49,12 +49,13 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# Speed/memory comparisons, printed side by side (inference and dvc_noop need a finished `make repro`).
+# Speed/memory comparisons, printed side by side (inference, dvc_noop and serve_load need a finished `make repro`).
 bench: setup
 	$(BIN)/python benchmarks/clean_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/dvc_noop.py
+	$(BIN)/python benchmarks/serve_load.py
 
 # Decode speed of a model with Qwen2.5-1.5B-Instruct's exact shapes (random weights; built once,
 # ~7 GB under $(LORAPIPE_CACHE)/bench): what the users' own model decodes at on this machine.
