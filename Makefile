@@ -25,8 +25,12 @@ LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
 LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-cpu/.built
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-quick bench bench-shapes gpu-check clean-venv
-setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
+.PHONY: setup browser repro test test-quick bench bench-shapes gpu-check clean-venv
+setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP) browser
+
+# Headless chromium + chromium-driver for the ui's browser test (a no-op when both are installed).
+browser:
+	scripts/install-browser.sh
 
 $(LLAMA_SRC_STAMP):
 	scripts/fetch-llama-cpp.sh $(LLAMA_CPP_PYTHON_VERSION) $(LLAMA_CPP_PYTHON_SHA256) $(LORAPIPE_LLAMA_CPP)
@@ -49,12 +53,13 @@ test: setup
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# Speed/memory comparisons, printed side by side (inference and dvc_noop need a finished `make repro`).
+# Speed/memory comparisons, printed side by side (inference, dvc_noop and serve_load need a finished `make repro`).
 bench: setup
 	$(BIN)/python benchmarks/clean_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/dvc_noop.py
+	$(BIN)/python benchmarks/serve_load.py
 
 # Decode speed of a model with Qwen2.5-1.5B-Instruct's exact shapes (random weights; built once,
 # ~7 GB under $(LORAPIPE_CACHE)/bench): what the users' own model decodes at on this machine.

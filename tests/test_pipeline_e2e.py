@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ def leaf_keys(node, prefix=""):
 
 
 # Which stage each params key belongs to (the most specific prefix wins). A key that is in no
-# stage's params reruns nothing (chat and serve are read by package's model card only).
+# stage's params reruns nothing (chat and serve are read by package's model card only; ui by no stage).
 OWNER = {
     "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
@@ -166,7 +167,7 @@ OWNER = {
     "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
     "export.threads": {"quantize"},
     "model.trust_remote_code": {"base", "train", "merge", "convert", "quantize", "evaluate"},
-    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": {"package"}, "package": {"package"},
+    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": {"package"}, "ui": set(), "package": {"package"},
 }
 
 
@@ -217,6 +218,53 @@ def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):
     assert "lora.rank" in json.dumps(shown) or '"rank": 8' in json.dumps(shown)
     diff = run(["dvc", "metrics", "diff", "--json"], root, env).stdout
     assert "metrics/train.json" in diff
+
+
+def test_queued_sweep_shows_each_experiment_and_metrics_diff_has_its_values(pipeline):
+    """README's sweep, as written there: queue three ranks, run the queue, show and compare them."""
+    root, env = pipeline["root"], pipeline["env"]
+    repro(pipeline)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "before sweep", "--allow-empty"], root, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8,16"], root, env)
+    run(["dvc", "queue", "start", "-j", "1"], root, env)
+    # `dvc queue start` hands the queue to a background worker; wait for it, bounded in time.
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(["dvc", "queue", "status"], root, env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, f"the queue did not finish in 15 min:\n{status}"
+        time.sleep(5)
+    assert "Failed" not in status, status
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    head = next(c for c in shown if c["rev"] != "workspace")
+    exps = {}
+    for exp in head.get("experiments") or []:
+        rev = exp["revs"][0]
+        data = rev["data"]
+        rank = data["params"]["params.yaml"]["data"]["lora"]["rank"]
+        exps[rank] = (rev["name"], data["metrics"]["metrics/train.json"]["data"])
+    assert sorted(exps) == [4, 8, 16], status
+    head_train = json.loads((root / "metrics/train.json").read_text())
+    assert exps[4][1]["eval_loss"] == head_train["eval_loss"]  # rank 4 is the committed params: same result
+    assert exps[16][1]["trainable_params"] == 4 * head_train["trainable_params"]  # LoRA size grows with the rank
+    assert exps[8][1]["eval_loss"] != exps[16][1]["eval_loss"]
+
+    # Apply rank 16 and diff against the commit: the values, not only the file names.
+    run(["dvc", "exp", "apply", exps[16][0]], root, env)
+    try:
+        diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root, env).stdout)
+        loss = diff["metrics/train.json"]["eval_loss"]
+        assert (loss["old"], loss["new"]) == (head_train["eval_loss"], exps[16][1]["eval_loss"])
+        assert loss["diff"] == pytest.approx(exps[16][1]["eval_loss"] - head_train["eval_loss"])
+        params_diff = json.loads(run(["dvc", "params", "diff", "--json"], root, env).stdout)
+        rank = params_diff["params.yaml"]["lora.rank"]
+        assert (rank["old"], rank["new"]) == (4, 16)
+    finally:
+        run(["git", "checkout", "--", "."], root, env)
+        run(["dvc", "checkout", "--force"], root, env)
 
 
 def test_push_pull_through_a_local_remote(pipeline, tmp_path):

@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 
+from conftest import REPO_ROOT
 from lorapipe import cli
 
 LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
@@ -93,3 +94,15 @@ def test_missing_or_foreign_model_is_a_clear_error(tmp_path, capsys):
     assert "model.gguf: not a GGUF file" in capsys.readouterr().err
     assert cli.main(["serve", "--model", str(tmp_path / "nope.gguf"), "--port", str(free_port())]) == 2
     assert "nope.gguf: GGUF file not found" in capsys.readouterr().err
+
+
+def test_bad_requests_are_answered_and_the_server_survives(tiny_gguf):
+    """The quick part of benchmarks/serve_load.py: invalid JSON, wrong types, an over-long prompt,
+    negative max_tokens, a client that disconnects mid-stream; then a normal request."""
+    _, gguf = tiny_gguf("scripted", quant="Q4_K_M")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks/serve_load.py"), "--bad-only", "--model", str(gguf),
+                           "--ctx", "256"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 9 and all(line.startswith("  ok ") for line in lines), proc.stdout
+    assert "normal request afterwards: answered" in proc.stdout

@@ -1,4 +1,4 @@
-"""`lorapipe <stage>`: one subcommand per dvc.yaml stage, plus chat / serve / import-llamafactory.
+"""`lorapipe <stage>`: one subcommand per dvc.yaml stage, plus chat / serve / ui / import-llamafactory.
 
 Thin on purpose: parse flags, load params once, run the stage's `run(params)`, print its one-line
 summary. Stage modules are imported lazily so `lorapipe clean` does not pay for torch imports.
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.set_defaults(handler=_run_stage)
-    for module_name in ("chat", "serve", "import_llamafactory"):
+    for module_name in ("chat", "serve", "ui", "import_llamafactory"):
         module = importlib.import_module(f"lorapipe.{module_name}")  # a broken import fails here, loudly
         p = sub.add_parser(module_name.replace("_", "-"), help=module.HELP, description=module.HELP)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

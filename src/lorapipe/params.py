@@ -244,7 +244,16 @@ class ServeParams(Section):
     port: int = Field(8080, gt=0, lt=65536)
     ctx: int = Field(2048, gt=0)
     threads: int | None = Field(None, gt=0)  # null = llama-server's default
+    # Requests decoded together (slots sharing one KV pool); chosen from benchmarks/serve_load.py (README).
+    parallel: int = Field(4, ge=1)
     startup_timeout: float = Field(120.0, gt=0)  # seconds to wait for /health before giving up
+
+
+class UiParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(7860, gt=0, lt=65536)
+    # The left model of the compare view; null = the base model's GGUF (model.source when it is one).
+    compare: str | None = None
 
 
 # ---------------------------------------------------------------------------------------- package
@@ -267,6 +276,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     chat: ChatParams = ChatParams()
     serve: ServeParams = ServeParams()
+    ui: UiParams = UiParams()
     package: PackageParams = PackageParams()
 
 

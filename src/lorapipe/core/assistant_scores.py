@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorapipe.core import parity, sft
+from lorapipe.core.log import progress
 
 
 # Below this KLD (nats per assistant token) between base and fine-tune, the fine-tune moved the model
@@ -88,20 +89,20 @@ def score(logits_per_example, examples_: list[sft.Example], reference: list[np.n
     return Scores(nll / n, kld / n if reference is not None else None)
 
 
-def hf_logits(model, examples_: list[sft.Example]):
+def hf_logits(model, examples_: list[sft.Example], desc: str):
     """Full logits of a transformers model per example (one sequence at a time: no padding effects)."""
     import torch
 
     with torch.inference_mode():
-        for example in examples_:
+        for example in progress(examples_, desc, unit="row"):
             yield model(torch.tensor([example.input_ids])).logits[0].float().numpy()
 
 
-def gguf_logits(gguf, examples_: list[sft.Example], threads: int):
+def gguf_logits(gguf, examples_: list[sft.Example], threads: int, desc: str):
     """Full logits of a GGUF per example, through llama.cpp's bindings on the very same token ids."""
     llm = parity.load_gguf(gguf, n_ctx=max(len(e.input_ids) for e in examples_) + 8, threads=threads)
     try:
-        for example in examples_:
+        for example in progress(examples_, desc, unit="row"):
             yield parity.gguf_logits(llm, example.input_ids)
     finally:
         llm.close()

@@ -13,7 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lorapipe.core.llamacpp_run import run_tool, tool_error
+from lorapipe.core.llamacpp_run import bench_progress, run_tool, tool_error
+from lorapipe.core.log import Activity
 
 
 def gguf_speed(gguf: str | Path, *, prompt_tokens: int, gen_tokens: int, threads: int, repetitions: int = 3) -> dict:
@@ -26,7 +27,8 @@ def gguf_speed(gguf: str | Path, *, prompt_tokens: int, gen_tokens: int, threads
     """
     what = f"llama-bench on {gguf}"
     res = run_tool("llama-bench", ["-m", gguf, "-p", prompt_tokens, "-n", gen_tokens, "-t", threads,
-                                   "-fa", 1, "-r", repetitions, "-o", "json"], what=what)
+                                   "-fa", 1, "-r", repetitions, "-o", "json", "--progress"], what=what,
+                   progress=bench_progress(f"llama-bench {Path(gguf).name}"))
     try:
         rows = json.loads(res.stdout[res.stdout.index("["):])
         pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
@@ -82,10 +84,14 @@ def hf_speed(model, prompt_ids: list[int], *, gen_tokens: int, repetitions: int 
         model(input_ids=prompt, logits_to_keep=1)
         return time.perf_counter() - start
 
-    with torch.inference_mode():
+    with torch.inference_mode(), Activity("speed (HF)", total=2 * repetitions, unit="run") as act:
+        def counted(value: float) -> float:
+            act.update()
+            return value
+
         decode_rate(2)  # warm-up: first calls allocate and pick kernels
-        t_prompt = min(prefill_seconds() for _ in range(repetitions))
-        rate = max(decode_rate(gen_tokens) for _ in range(repetitions))
+        t_prompt = min(counted(prefill_seconds()) for _ in range(repetitions))
+        rate = max(counted(decode_rate(gen_tokens)) for _ in range(repetitions))
     return {"prompt_tok_s": len(prompt_ids) / t_prompt, "decode_tok_s": rate}
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import iter_jsonl
-from lorapipe.core.llamacpp_run import ToolResult, run_tool, tool_error
+from lorapipe.core.llamacpp_run import ToolResult, chunk_progress, run_tool, tool_error
+from lorapipe.core.log import progress
 from lorapipe.core.sharegpt import Invalid, validate_row
 
 # Below this a chunk scores fewer than 8 tokens and the number means little.
@@ -142,7 +143,7 @@ def plan_chunks(n_tokens: int, ctx: int, max_chunks: int, path: str | Path = "ev
 
 
 # ------------------------------------------------------------------------------------ HF side
-def hf_perplexity(model, stream: Stream, plan: ChunkPlan, batch_size: int = 4) -> float:
+def hf_perplexity(model, stream: Stream, plan: ChunkPlan, batch_size: int = 4, desc: str = "perplexity (HF)") -> float:
     """Perplexity of a transformers causal LM with llama-perplexity's convention (module docstring)."""
     import torch
 
@@ -154,7 +155,7 @@ def hf_perplexity(model, stream: Stream, plan: ChunkPlan, batch_size: int = 4) -
     targets = chunks[:, first + 1:]
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for b in range(0, plan.n_chunks, batch_size):
+        for b in progress(range(0, plan.n_chunks, batch_size), desc, unit="batch"):
             # logits only for positions first..ctx-1 (the last one predicts past the chunk: dropped)
             logits = model(input_ids=inputs[b:b + batch_size], logits_to_keep=ctx - first).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)
@@ -188,7 +189,8 @@ def gguf_perplexity(gguf: str | Path, text_file: str | Path, plan: ChunkPlan, th
     args = _ppl_args(gguf, plan, threads) + ["-f", text_file]
     if logits_file is not None:
         args += ["--kl-divergence-base", logits_file]
-    res = run_tool("llama-perplexity", args, what=what, expect=r"Final estimate: PPL =")
+    res = run_tool("llama-perplexity", args, what=what, expect=r"Final estimate: PPL =",
+                   progress=chunk_progress(f"perplexity {Path(gguf).name}"))
     m = re.search(rf"Final estimate: PPL = ({_NUM})", res.output)
     if not m:
         raise _short_text_error(what, res) or tool_error(what, res, "no 'Final estimate: PPL' in its output")
@@ -235,7 +237,8 @@ def gguf_kl_divergence(gguf: str | Path, logits_file: str | Path, plan: ChunkPla
     # the line that must be there: the final block's last line, or (< 100 scored tokens) the last chunk's row
     expect = r"Same top p:" if plan.scored >= 100 else rf"(?m)^\s*{plan.n_chunks}\s+{_NUM}\s*±"
     res = run_tool("llama-perplexity", _ppl_args(gguf, plan, threads) + ["--kl-divergence-base", logits_file,
-                                                                         "--kl-divergence"], what=what, expect=expect)
+                                                                         "--kl-divergence"], what=what, expect=expect,
+                   progress=chunk_progress(f"KL divergence {Path(gguf).name}"))
     if not re.search(expect, res.output):
         raise tool_error(what, res, f"no KL-divergence result for all {plan.n_chunks} chunks in its output")
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
-from lorapipe.core.log import info
+from lorapipe.core.log import Activity, info
 from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, TEMPLATES, preset_by_name, template_by_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -69,16 +69,18 @@ def _save_from_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info(f"[base] loading {gguf.name} through transformers (dequantizing; about a minute)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with Activity(f"base: dequantizing {gguf.name}"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantized to torch tensors, but transformers still marks the model
     # as "quantized with gguf" and refuses to serialise it; drop that state (docs/toolchain.md#gguf-source).
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with Activity("base: saving safetensors"):
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
     # A SentencePiece vocabulary (Gemma, Llama-2, MiniCPM) gets its tokenizer.model back, so the
     # converter takes the SentencePiece route its family uses rather than guessing a BPE one.
     if gguf_meta.sentencepiece_model(gguf, out / "tokenizer.model"):

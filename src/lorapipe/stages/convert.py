@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, hfmodel, llamacpp, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path
-from lorapipe.core.llamacpp_run import tail
+from lorapipe.core.llamacpp_run import run_with_progress, tail, writer_progress
 from lorapipe.core.log import info
 
 PRETOKENIZER_HINT = (
@@ -86,7 +85,7 @@ def convert(merged_dir: str | Path, out_path: str | Path, outtype: str = "f16", 
         cmd = [sys.executable, str(converter), str(source), "--outfile", str(tmp), "--outtype", outtype,
                "--metadata", str(meta_file)]
         info(f"convert: {merged_dir} -> {out_path} ({outtype})")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = run_with_progress(cmd, writer_progress("convert: tensors"), timeout=timeout)
         if proc.returncode != 0:
             raise _converter_error(merged_dir, proc.stdout + proc.stderr)
         meta = check_gguf_metadata(tmp, out_path)

@@ -23,7 +23,7 @@ from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
 from lorapipe.core.io import write_json, write_text
-from lorapipe.core.log import info
+from lorapipe.core.log import info, progress
 
 METRICS = paths.METRICS_DIR / "eval.json"
 PLOT = paths.PLOTS_DIR / "variants.json"
@@ -64,7 +64,7 @@ def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> lis
     stop = hfmodel.stop_token_ids(tokenizer)
     out = []
     with torch.inference_mode():
-        for prompt in prompts:
+        for prompt in progress(prompts, "evaluate: samples (HF)", unit="prompt"):
             ids = torch.tensor([parity.hf_ids(tokenizer, chat_text(tokenizer, prompt))])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, repetition_penalty=1.0, eos_token_id=stop,
@@ -82,7 +82,7 @@ def gguf_answers(gguf: Path, tokenizer, prompts: list[str], max_new_tokens: int,
     llm = parity.load_gguf(gguf, n_ctx=n_ctx, threads=threads)
     out = []
     try:
-        for text in texts:
+        for text in progress(texts, f"evaluate: samples {gguf.name}", unit="prompt"):
             llm.reset()
             new, stopped = [], False
             for token in llm.generate(parity.llama_chat_ids(llm, text), temp=0.0, top_k=1, repeat_penalty=1.0):
@@ -186,7 +186,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
     info("evaluate: HF merged model")
     merged = load_hf(merged_dir, trust_remote_code)
-    ppl_merged = ppl.hf_perplexity(merged, stream, plan)
+    ppl_merged = ppl.hf_perplexity(merged, stream, plan, desc="evaluate: perplexity HF merged")
     ref_vs_hf = pct(ppl_ref, ppl_merged)
     if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
         raise LorapipeError(
@@ -196,7 +196,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
             "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
             "bf16 or auto; then rerun `lorapipe convert`.")
     info(f"evaluate: assistant-token loss and KLD on {n_assistant} tokens of {len(examples)} rows")
-    scores = {"hf_merged": assistant_scores.score(assistant_scores.hf_logits(merged, examples), examples, keep=reference)}
+    scores = {"hf_merged": assistant_scores.score(assistant_scores.hf_logits(merged, examples, "evaluate: assistant tokens HF merged"), examples, keep=reference)}
 
     info("evaluate: HF merged model speed and samples")
     speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
@@ -206,14 +206,13 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
     info("evaluate: HF base model")
     base = load_hf(base_dir, trust_remote_code)
-    ppl_base = ppl.hf_perplexity(base, stream, plan)
-    scores["hf_base"] = assistant_scores.score(assistant_scores.hf_logits(base, examples), examples, reference)
+    ppl_base = ppl.hf_perplexity(base, stream, plan, desc="evaluate: perplexity HF base")
+    scores["hf_base"] = assistant_scores.score(assistant_scores.hf_logits(base, examples, "evaluate: assistant tokens HF base"), examples, reference)
     answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
     del base
 
     for key, path in ((ref_label, ref_gguf), ("quant", quant_gguf)):
-        info(f"evaluate: assistant-token loss of {path.name}")
-        scores[key] = assistant_scores.score(assistant_scores.gguf_logits(path, examples, ep.threads), examples, reference)
+        scores[key] = assistant_scores.score(assistant_scores.gguf_logits(path, examples, ep.threads, f"evaluate: assistant tokens {path.name}"), examples, reference)
     # A fine-tune that hardly moved the model leaves nothing to lose: the ratio would be noise.
     kept = (assistant_scores.finetune_kept(scores["quant"].kld, scores["hf_base"].kld)
             if scores["hf_base"].kld >= assistant_scores.MIN_FINETUNE_KLD else None)

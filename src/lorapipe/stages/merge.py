@@ -19,7 +19,7 @@ from pathlib import Path
 from lorapipe.core import hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path
-from lorapipe.core.log import info
+from lorapipe.core.log import Activity, info
 
 
 
@@ -35,12 +35,13 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
 
     info(f"merge: loading {base_dir} ({dtype}) and adapter {adapter_dir}")
     # No quantization_config here, ever: the merge target is full precision (see module doc).
-    model = hfmodel.load_causal_lm(base_dir, trust_remote_code, dtype=getattr(torch, dtype))
-    try:
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise LorapipeError(f"{adapter_dir}: adapter does not fit the base model {base_dir}: {exc}") from None
-    merged = model.merge_and_unload()
+    with Activity("merge: loading and merging"):
+        model = hfmodel.load_causal_lm(base_dir, trust_remote_code, dtype=getattr(torch, dtype))
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LorapipeError(f"{adapter_dir}: adapter does not fit the base model {base_dir}: {exc}") from None
+        merged = model.merge_and_unload()
     tokenizer = hfmodel.load_tokenizer(base_dir, trust_remote_code)
 
     generation = GenerationConfig.from_pretrained(base_dir) if (base_dir / "generation_config.json").is_file() else GenerationConfig()
@@ -54,7 +55,8 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     merged.generation_config = generation
 
     with atomic_path(out_dir, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        with Activity("merge: saving safetensors"):
+            merged.save_pretrained(tmp, safe_serialization=True)
         # Tokenizer files are copied byte for byte, not re-saved: transformers 5 re-saves a tokenizer
         # under the class the *model type* maps to (a qwen2 folder gets Qwen2Tokenizer, which swaps
         # in Qwen's pre-tokenizer regex, so the converter no longer recognises the tokenizer) and

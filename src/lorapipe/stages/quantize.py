@@ -23,7 +23,7 @@ from pathlib import Path
 from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
-from lorapipe.core.llamacpp_run import run_tool, tool_error
+from lorapipe.core.llamacpp_run import imatrix_progress, run_tool, tensor_progress, tool_error
 from lorapipe.core.log import info
 
 METRICS = paths.METRICS_DIR / "quantize.json"
@@ -74,7 +74,7 @@ def compute_imatrix(ref_gguf: Path, text: str, out: Path, threads: int = 2) -> P
                 "--parse-special", "--no-ppl"]
         info(f"quantize: computing importance matrix over {len(text)} characters")
         what = f"importance matrix over {paths.TRAIN_JSONL} (needs at least {2 * IMATRIX_CTX} tokens)"
-        result = run_tool("llama-imatrix", args, what=what, cwd=work)
+        result = run_tool("llama-imatrix", args, what=what, cwd=work, progress=imatrix_progress("quantize: importance matrix"))
         if not out.is_file():
             raise tool_error(what, result, "llama-imatrix wrote no imatrix")
     return out
@@ -87,7 +87,7 @@ def quantize_file(ref_gguf: Path, out: Path, quant: str, *, imatrix: Path | None
     args: list[str | Path] = ["--imatrix", imatrix.name] if imatrix is not None else []
     args += [Path(ref_gguf).resolve(), Path(out).resolve(), quant, str(threads)]
     run_tool("llama-quantize", args, what=f"quantizing {ref_gguf} to {quant}",
-             cwd=imatrix.parent if imatrix is not None else None)
+             cwd=imatrix.parent if imatrix is not None else None, progress=tensor_progress(f"quantize: {quant}"))
 
 
 def size_metrics(ref_gguf: Path, quant_gguf: Path) -> dict:
