@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lorapipe.core import gguf_meta, hfmodel, paths
+from lorapipe.core import hfmodel, paths
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import Activity, info
@@ -81,10 +81,9 @@ def _save_from_gguf(gguf: Path, out: Path) -> None:
     with Activity("base: saving safetensors"):
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    # A SentencePiece vocabulary (Gemma, Llama-2, MiniCPM) gets its tokenizer.model back, so the
-    # converter takes the SentencePiece route its family uses rather than guessing a BPE one.
-    if gguf_meta.sentencepiece_model(gguf, out / "tokenizer.model"):
-        info(f"[base] {gguf.name}: SentencePiece vocabulary, tokenizer.model rebuilt from it")
+    # No tokenizer.model is rebuilt for a SentencePiece vocabulary (Gemma): SentencePiece and the
+    # tokenizer transformers builds from the GGUF split whitespace runs differently, and the model is
+    # trained with the latter (docs/toolchain.md#gguf-source).
 
 
 def _check_local_folder(folder: Path, trust_remote_code: bool) -> list[str]:
