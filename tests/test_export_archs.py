@@ -119,10 +119,10 @@ def test_stage_runs_on_repo_paths(tiny_adapter, tmp_path, monkeypatch):
     params = Params(merge=MergeParams(dtype="float32"),
                     export=ExportParams(quant="Q8_0", imatrix=True, name="support-bot", parity=PARITY))
     assert merge.run(params)["dtype"] == "float32"
-    assert convert.run(params)["path"] == "models/gguf/model-f16.gguf"
+    assert convert.run(params)["path"] == "models/gguf/model-auto.gguf"  # export.outtype auto: f16 for llama
     summary = quantize.run(params)
     assert summary["quant"] == "Q8_0"
     metrics = json.loads(Path("metrics/quantize.json").read_text())
     assert metrics["imatrix"] is True and metrics["parity"]["passed"] is True
     assert metrics["tensor_types"] == {"F32": 5, "Q8_0": 15}
-    assert sorted(os.listdir("models/gguf")) == ["model-Q8_0.gguf", "model-f16.gguf"]
+    assert sorted(os.listdir("models/gguf")) == ["model-Q8_0.gguf", "model-auto.gguf"]

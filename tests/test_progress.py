@@ -74,7 +74,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
              eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY, train_rows=EVAL_ROWS * 8)
     write_rows(ws / paths.EVAL_JSONL, eval_rows(24))
     monkeypatch.chdir(ws)
-    evaluate.run(params_mod.parse({"evaluate": FAST}))
+    evaluate.run(params_mod.parse({"evaluate": FAST, "export": {"outtype": "f16"}}))
 
     done = done_lines(capsys.readouterr().err)
 

@@ -51,14 +51,16 @@ def rejects_by_reason(data: dict) -> pd.DataFrame:
 def variants(ev: dict) -> pd.DataFrame:
     """One row per scored variant: the evaluate stage's ppl, KLD, size and speed."""
     rows = [
-        ("base (HF)", ev.get("ppl_hf_base"), None, None, None, None),
-        ("merged (HF)", ev.get("ppl_hf_merged"), None, ev.get("size_hf_merged_mb"),
+        ("base (HF)", ev.get("ppl_hf_base"), ev.get("loss_assistant_hf_base"), None, None, None, None),
+        ("merged (HF)", ev.get("ppl_hf_merged"), ev.get("loss_assistant_hf_merged"), None, ev.get("size_hf_merged_mb"),
          ev.get("prompt_tok_s_hf_merged"), ev.get("decode_tok_s_hf_merged")),
-        ("f16 (GGUF)", ev.get("ppl_f16"), None, ev.get("size_f16_mb"), ev.get("prompt_tok_s_f16"), ev.get("decode_tok_s_f16")),
-        (f"{ev.get('quant', 'quant')} (GGUF)", ev.get("ppl_quant"), ev.get("kld_quant_vs_f16"), ev.get("size_quant_mb"),
-         ev.get("prompt_tok_s_quant"), ev.get("decode_tok_s_quant")),
+        ("f16 (GGUF)", ev.get("ppl_f16"), ev.get("loss_assistant_f16"), None, ev.get("size_f16_mb"),
+         ev.get("prompt_tok_s_f16"), ev.get("decode_tok_s_f16")),
+        (f"{ev.get('quant', 'quant')} (GGUF)", ev.get("ppl_quant"), ev.get("loss_assistant_quant"), ev.get("kld_quant_vs_f16"),
+         ev.get("size_quant_mb"), ev.get("prompt_tok_s_quant"), ev.get("decode_tok_s_quant")),
     ]
-    df = pd.DataFrame(rows, columns=["variant", "ppl", "KLD vs f16", "size MB", "prompt tok/s", "decode tok/s"])
+    df = pd.DataFrame(rows, columns=["variant", "ppl", "assistant loss", "KLD vs f16", "size MB", "prompt tok/s",
+                                     "decode tok/s"])
     return df.set_index("variant")
 
 
@@ -73,8 +75,8 @@ def gates(m: dict, params) -> pd.DataFrame:
             ("quantize", "tokens HF = GGUF", f"{par.get('tokens_match')}/{n}", f"{n}/{n}", par.get("tokens_match") == n),
             ("quantize", "template HF = GGUF", f"{par.get('template_match')}/{n}", f"{n}/{n}", par.get("template_match") == n),
             ("quantize", "BOS not doubled", par.get("bos_doubled"), 0, par.get("bos_doubled") == 0),
-            ("quantize", "stops on end of turn", _fmt(par.get("stop_fraction")), f">= {pp.min_stop_fraction}",
-             (par.get("stop_fraction") or 0) >= pp.min_stop_fraction),
+            ("quantize", "GGUF stops where HF stops", f"{_fmt(par.get('stop_fraction'))} (HF {_fmt(par.get('hf_stop_fraction'))})",
+             ">= HF's", (par.get("stop_fraction") or 0) >= (par.get("hf_stop_fraction") or 0)),
             ("quantize", "max |logit| f16 vs HF", _fmt(par.get("f16_max_abs_logit_diff")), f"<= {pp.max_abs_logit_diff}",
              (par.get("f16_max_abs_logit_diff") or 0) <= pp.max_abs_logit_diff),
             ("quantize", "argmax f16 vs HF", _fmt(par.get("f16_argmax_agreement")), f">= {pp.min_argmax_agreement}",
@@ -89,9 +91,12 @@ def gates(m: dict, params) -> pd.DataFrame:
         rows += [
             ("evaluate", "ppl f16 GGUF vs HF merged %", _fmt(ev.get("ppl_f16_vs_hf_pct")),
              f"|x| <= {ep.max_ppl_f16_vs_hf_pct}", abs(ev.get("ppl_f16_vs_hf_pct", 0)) <= ep.max_ppl_f16_vs_hf_pct),
-            ("evaluate", "ppl quant vs f16 %", _fmt(ev.get("ppl_delta_pct")), f"<= {ep.max_ppl_delta_pct}",
-             ev.get("ppl_delta_pct", 0) <= ep.max_ppl_delta_pct),
+            ("evaluate", "ppl quant vs f16 %", _fmt(ev.get("ppl_delta_pct")), f"|x| <= {ep.max_ppl_delta_pct}",
+             abs(ev.get("ppl_delta_pct", 0)) <= ep.max_ppl_delta_pct),
         ]
+        if ev.get("finetune_kept") is not None:
+            rows.append(("evaluate", "fine-tune kept by the quantized file", _fmt(ev["finetune_kept"]),
+                         f">= {ep.min_finetune_kept}", ev["finetune_kept"] >= ep.min_finetune_kept))
     df = pd.DataFrame(rows, columns=["stage", "gate", "measured", "threshold", "passed"])
     df["passed"] = df["passed"].map({True: "pass", False: "FAIL"})
     return df

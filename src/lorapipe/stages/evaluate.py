@@ -178,9 +178,11 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         kld = ppl.gguf_kl_divergence(quant_gguf, logits_file, plan, ep.threads)
 
     # Assistant tokens only, the same ids for every variant; the merged model is the reference.
-    examples = assistant_scores.examples(rows, tokenizer, ep.ctx, plan.scored)
+    # Rows are cut at least at 512 tokens: a short perplexity ctx must not cut every answer away.
+    cutoff = max(ep.ctx, 512)
+    examples = assistant_scores.examples(rows, tokenizer, cutoff, plan.scored)
     if not examples:
-        raise LorapipeError(f"{eval_jsonl}: no assistant token within evaluate.ctx = {ep.ctx} tokens in any row")
+        raise LorapipeError(f"{eval_jsonl}: no assistant token within the first {cutoff} tokens of any row")
     n_assistant = sum(len(assistant_scores.positions(e)[0]) for e in examples)
     reference: list = []
 
