@@ -231,3 +231,46 @@ def tiny_adapter(tiny_model, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# ------------------------------------------------------------ SentencePiece tokenizers (tiny models)
+
+def sentencepiece_model_from_gguf(path_or_reader, out: str | Path) -> Path | None:
+    """Write the SentencePiece `tokenizer.model` that a GGUF's vocabulary came from, when it came from
+    one (tokenizer.ggml.model "llama": Llama-2, Gemma, MiniCPM); else write nothing and return None.
+
+    Tests use it to give tiny models a real SentencePiece tokenizer (LLaMA's, from the pinned tree's
+    vocab GGUF); stage base does not, see docs/toolchain.md#gguf-source. The GGUF holds every piece with its score and
+    type (GGUF token types are SentencePiece's enum); the normaliser settings follow its
+    add_space_prefix key. Byte fallback and BPE merging by score are what llama.cpp's SPM tokenizer
+    implements, so the rebuilt model tokenizes as the GGUF does.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from lorapipe.core.gguf_meta import reader
+
+    r = reader(path_or_reader) if isinstance(path_or_reader, (str, Path)) else path_or_reader
+    fields = r.fields
+    if "tokenizer.ggml.model" not in fields or fields["tokenizer.ggml.model"].contents() != "llama":
+        return None
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents(),
+                                  fields["tokenizer.ggml.token_type"].contents()):
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = piece, float(score), int(kind)
+
+    def token_id(key: str, default: int) -> int:
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return int(field.contents()) if field is not None else default
+
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(proto.pieces), True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = (token_id("unknown", 0), token_id("bos", 1), token_id("eos", 2),
+                                                          token_id("padding", -1))
+    space_prefix = fields.get("tokenizer.ggml.add_space_prefix")
+    norm = proto.normalizer_spec
+    norm.name, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", False, True
+    norm.add_dummy_prefix = True if space_prefix is None else bool(space_prefix.contents())
+    out = Path(out)
+    out.write_bytes(proto.SerializeToString())
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_lora_adapter, build_tiny_model, write_jsonl
+from conftest import build_lora_adapter, build_tiny_model, sentencepiece_model_from_gguf, write_jsonl
 from lorapipe.core import gguf_meta, llamacpp
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ExportParams, MergeParams, ParityParams, Params
@@ -52,7 +52,7 @@ def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
     from lorapipe.core.templates import GEMMA
 
     out = tmp_path_factory.mktemp("sp-tokenizer")
-    gguf_meta.sentencepiece_model(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", out / "tokenizer.model")
+    sentencepiece_model_from_gguf(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": "<unk>", "add_bos_token": True}))

@@ -13,7 +13,7 @@ Tokenizer: llama.cpp's MiniCPM converter path only takes a SentencePiece tokeniz
 (`MiniCPMModel.set_vocab` -> `_set_vocab_sentencepiece`, no BPE fallback), like the real checkpoints'
 LlamaTokenizer. SmolLM2's BPE tokenizer (conftest) therefore cannot be used here; LLaMA's real
 SentencePiece model is rebuilt from the pinned tree's models/ggml-vocab-llama-spm.gguf instead
-(core/gguf_meta.sentencepiece_model, the function stage base uses for GGUF sources).
+(conftest.sentencepiece_model_from_gguf).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.core import gguf_meta
+from conftest import sentencepiece_model_from_gguf
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "minicpm_remote"
 REMOTE_CODE_FILES = ("configuration_minicpm.py", "modeling_minicpm.py")
@@ -58,7 +58,7 @@ def make_tiny_minicpm(folder: Path, *, hidden_size: int = 256, num_hidden_layers
     folder.mkdir(parents=True, exist_ok=True)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
-    gguf_meta.sentencepiece_model(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", folder / "tokenizer.model")
+    sentencepiece_model_from_gguf(llamacpp.source_dir() / "models" / "ggml-vocab-llama-spm.gguf", folder / "tokenizer.model")
     config = {
         "architectures": ["MiniCPMForCausalLM"], "auto_map": AUTO_MAP, "model_type": "minicpm",
         "vocab_size": 32000, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
