@@ -290,6 +290,7 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
         "hf_gen_tokens": [n for _, n in hf_stops],
         "stops_on_its_own": stops_on_its_own,
         "f16_max_abs_logit_diff": max_diff,
+        "max_abs_logit_diff_limit": limit,  # export.parity.max_abs_logit_diff, x 8 for BF16 weights
         "f16_argmax_agreement": agreement,
     }
     llm.close()

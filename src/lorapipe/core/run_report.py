@@ -21,7 +21,7 @@ EVAL_LOSS_TSV = Path("dvclive/plots/metrics/eval/loss.tsv")
 EXP_SHOW_TIMEOUT_S = 60
 # Metrics shown per experiment (dvc exp show has dozens); the params shown are those that differ.
 EXP_METRICS = ("train_loss", "eval_loss", "ppl_hf_merged", "ppl_quant", "ppl_delta_pct", "kld_quant_vs_f16",
-               "size_quant_mb", "decode_tok_s_quant")
+               "kld_quant_vs_bf16", "size_quant_mb", "decode_tok_s_quant")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -48,18 +48,24 @@ def rejects_by_reason(data: dict) -> pd.DataFrame:
     return dropped[dropped > 0].sort_values(ascending=False).rename_axis("reason").to_frame()
 
 
+def unquantized(ev: dict) -> str:
+    """The converted file's type (export.outtype after `auto`): the suffix of its keys in eval.json."""
+    return ev.get("unquantized", "f16")
+
+
 def variants(ev: dict) -> pd.DataFrame:
     """One row per scored variant: the evaluate stage's ppl, KLD, size and speed."""
+    ref = unquantized(ev)
     rows = [
         ("base (HF)", ev.get("ppl_hf_base"), ev.get("loss_assistant_hf_base"), None, None, None, None),
         ("merged (HF)", ev.get("ppl_hf_merged"), ev.get("loss_assistant_hf_merged"), None, ev.get("size_hf_merged_mb"),
          ev.get("prompt_tok_s_hf_merged"), ev.get("decode_tok_s_hf_merged")),
-        ("f16 (GGUF)", ev.get("ppl_f16"), ev.get("loss_assistant_f16"), None, ev.get("size_f16_mb"),
-         ev.get("prompt_tok_s_f16"), ev.get("decode_tok_s_f16")),
-        (f"{ev.get('quant', 'quant')} (GGUF)", ev.get("ppl_quant"), ev.get("loss_assistant_quant"), ev.get("kld_quant_vs_f16"),
+        (f"{ref} (GGUF)", ev.get(f"ppl_{ref}"), ev.get(f"loss_assistant_{ref}"), None, ev.get(f"size_{ref}_mb"),
+         ev.get(f"prompt_tok_s_{ref}"), ev.get(f"decode_tok_s_{ref}")),
+        (f"{ev.get('quant', 'quant')} (GGUF)", ev.get("ppl_quant"), ev.get("loss_assistant_quant"), ev.get(f"kld_quant_vs_{ref}"),
          ev.get("size_quant_mb"), ev.get("prompt_tok_s_quant"), ev.get("decode_tok_s_quant")),
     ]
-    df = pd.DataFrame(rows, columns=["variant", "ppl", "assistant loss", "KLD vs f16", "size MB", "prompt tok/s",
+    df = pd.DataFrame(rows, columns=["variant", "ppl", "assistant loss", f"KLD vs {ref}", "size MB", "prompt tok/s",
                                      "decode tok/s"])
     return df.set_index("variant")
 
@@ -71,27 +77,29 @@ def gates(m: dict, params) -> pd.DataFrame:
     pp = params.export.parity
     if par:
         n = par.get("n_prompts", 0)
+        limit = par.get("max_abs_logit_diff_limit", pp.max_abs_logit_diff)
         rows += [
             ("quantize", "tokens HF = GGUF", f"{par.get('tokens_match')}/{n}", f"{n}/{n}", par.get("tokens_match") == n),
             ("quantize", "template HF = GGUF", f"{par.get('template_match')}/{n}", f"{n}/{n}", par.get("template_match") == n),
             ("quantize", "BOS not doubled", par.get("bos_doubled"), 0, par.get("bos_doubled") == 0),
             ("quantize", "GGUF stops where HF stops", f"{_fmt(par.get('stop_fraction'))} (HF {_fmt(par.get('hf_stop_fraction'))})",
              ">= HF's", (par.get("stop_fraction") or 0) >= (par.get("hf_stop_fraction") or 0)),
-            ("quantize", "max |logit| f16 vs HF", _fmt(par.get("f16_max_abs_logit_diff")), f"<= {pp.max_abs_logit_diff}",
-             (par.get("f16_max_abs_logit_diff") or 0) <= pp.max_abs_logit_diff),
-            ("quantize", "argmax f16 vs HF", _fmt(par.get("f16_argmax_agreement")), f">= {pp.min_argmax_agreement}",
+            ("quantize", "max |logit| unquantized vs HF", _fmt(par.get("f16_max_abs_logit_diff")), f"<= {_fmt(limit)}",
+             (par.get("f16_max_abs_logit_diff") or 0) <= limit),
+            ("quantize", "argmax unquantized vs HF", _fmt(par.get("f16_argmax_agreement")), f">= {pp.min_argmax_agreement}",
              (par.get("f16_argmax_agreement") or 0) >= pp.min_argmax_agreement),
-            ("quantize", "argmax quant vs f16", _fmt(par.get("quant_argmax_agreement")),
+            ("quantize", "argmax quant vs unquantized", _fmt(par.get("quant_argmax_agreement")),
              f">= {pp.min_argmax_agreement_quant}",
              (par.get("quant_argmax_agreement") or 0) >= pp.min_argmax_agreement_quant),
         ]
     ev = m.get("eval")
     ep = params.evaluate
     if ev:
+        ref = unquantized(ev)
         rows += [
-            ("evaluate", "ppl f16 GGUF vs HF merged %", _fmt(ev.get("ppl_f16_vs_hf_pct")),
-             f"|x| <= {ep.max_ppl_f16_vs_hf_pct}", abs(ev.get("ppl_f16_vs_hf_pct", 0)) <= ep.max_ppl_f16_vs_hf_pct),
-            ("evaluate", "ppl quant vs f16 %", _fmt(ev.get("ppl_delta_pct")), f"|x| <= {ep.max_ppl_delta_pct}",
+            ("evaluate", f"ppl {ref} GGUF vs HF merged %", _fmt(ev.get(f"ppl_{ref}_vs_hf_pct")),
+             f"|x| <= {ep.max_ppl_f16_vs_hf_pct}", abs(ev.get(f"ppl_{ref}_vs_hf_pct", 0)) <= ep.max_ppl_f16_vs_hf_pct),
+            ("evaluate", f"ppl quant vs {ref} %", _fmt(ev.get("ppl_delta_pct")), f"|x| <= {ep.max_ppl_delta_pct}",
              abs(ev.get("ppl_delta_pct", 0)) <= ep.max_ppl_delta_pct),
         ]
         if ev.get("finetune_kept") is not None:

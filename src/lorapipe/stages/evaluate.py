@@ -242,6 +242,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         "chunks": plan.n_chunks,
         "scored_tokens": plan.scored,
         "quant": quant_name,
+        "unquantized": ref_label,  # the suffix of the converted file's keys below (f16 or bf16)
         "ppl_hf_base": ppl_base,
         "ppl_hf_merged": ppl_merged,
         f"ppl_{ref_label}": ppl_ref,

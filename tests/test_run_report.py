@@ -1,0 +1,36 @@
+"""The ui's run page reads the converted file's figures under the type evaluate used (f16 or bf16)."""
+
+from __future__ import annotations
+
+from lorapipe.core import run_report
+from lorapipe.params import parse
+
+
+def bf16_run() -> dict:
+    ev = {"quant": "Q8_0", "unquantized": "bf16", "ppl_hf_base": 5.04, "ppl_hf_merged": 5.497, "ppl_bf16": 5.4975,
+          "ppl_quant": 5.51, "ppl_bf16_vs_hf_pct": 0.01, "ppl_delta_pct": 0.23, "kld_quant_vs_bf16": 0.004,
+          "loss_assistant_bf16": 4.164, "size_bf16_mb": 540.0, "decode_tok_s_bf16": 20.0, "finetune_kept": 0.97}
+    quantize = {"parity": {"n_prompts": 2, "tokens_match": 2, "template_match": 2, "bos_doubled": 0,
+                           "stop_fraction": 0.0, "hf_stop_fraction": 0.0, "f16_max_abs_logit_diff": 0.3,
+                           "max_abs_logit_diff_limit": 0.4, "f16_argmax_agreement": 1.0, "quant_argmax_agreement": 0.9}}
+    return {"eval": ev, "quantize": quantize}
+
+
+def test_variants_show_the_bf16_file_figures():
+    table = run_report.variants(bf16_run()["eval"])
+    row = table.loc["bf16 (GGUF)"]
+    assert (row["ppl"], row["assistant loss"], row["size MB"]) == (5.4975, 4.164, 540.0)
+    assert table.loc["Q8_0 (GGUF)", "KLD vs bf16"] == 0.004
+
+
+def test_gates_read_bf16_keys_and_the_recorded_logit_limit():
+    table = run_report.gates(bf16_run(), parse({})).set_index("gate")
+    assert table.loc["ppl bf16 GGUF vs HF merged %", "measured"] == "0.01"
+    # 0.3 is over the F16 limit of params.yaml but within the limit the gate used for BF16 weights
+    assert table.loc["max |logit| unquantized vs HF", "passed"] == "pass"
+    assert set(table["passed"]) == {"pass"}
+
+
+def test_an_f16_run_without_the_new_keys_still_reads():
+    ev = {"quant": "Q4_K_M", "ppl_f16": 3.1, "ppl_f16_vs_hf_pct": 0.0, "ppl_delta_pct": 2.0}
+    assert run_report.variants(ev).loc["f16 (GGUF)", "ppl"] == 3.1
