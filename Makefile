@@ -56,6 +56,7 @@ test-quick: setup
 # Speed/memory comparisons, printed side by side (inference, dvc_noop and serve_load need a finished `make repro`).
 bench: setup
 	$(BIN)/python benchmarks/clean_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/dvc_noop.py

@@ -15,6 +15,7 @@ Variants
           pad to the longest sample of the batch, multiple of 8; full logits; random order)
 
 Usage: .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--hidden 256] [--layers 4] [--model DIR]
+       .venv/bin/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf   (README's headline)
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="an HF model folder to use instead of the built small Llama")
     ap.add_argument("--variants", default="ours,naive,lf")
     ap.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
-    ap.add_argument("--setup-lf", action="store_true", help="create the LLaMA-Factory virtualenv first")
+    ap.add_argument("--setup-lf", action="store_true", help="create the LLaMA-Factory virtualenv first, unless it already works")
     ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temp folder)")
     ap.add_argument("--worker"), ap.add_argument("--work", type=Path), ap.add_argument("--hyper"), ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -340,7 +341,7 @@ def main() -> int:
         args.out.write_text(json.dumps(res))
         return 0
 
-    if args.setup_lf:
+    if args.setup_lf and lf_status(args.lf_venv):  # idempotent: an importable venv is kept
         setup_lf(args.lf_venv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="lorapipe-train-bench-"))
     (work / "common").mkdir(parents=True, exist_ok=True)
