@@ -79,20 +79,35 @@ def load_gguf(path: str | Path, *, n_ctx: int = 512, vocab_only: bool = False, t
         raise LorapipeError(f"{path}: llama.cpp failed to load this GGUF (truncated or corrupt file?): {exc}") from None
 
 
+def vocab(llm):
+    """The GGUF's vocabulary through llama.cpp's public C API (the bindings' own wrapper is private)."""
+    import llama_cpp
+
+    return llama_cpp.llama_model_get_vocab(llm.model)
+
+
 def is_eog(llm, token: int) -> bool:
     import llama_cpp
 
-    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
+    return bool(llama_cpp.llama_vocab_is_eog(vocab(llm), token))
+
+
+def adds_bos(llm) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_get_add_bos(vocab(llm)))
 
 
 def llama_chat_ids(llm, text: str) -> list[int]:
     """Tokenize a rendered chat prompt the way llama.cpp's chat path does (common/chat.cpp): when the
     vocab adds a BOS and the text already starts with the BOS text, that text is dropped first;
     then tokenize with the vocab's add_bos and special tokens parsed."""
-    add_bos = llm._model.add_bos_token()
+    import llama_cpp
+
+    add_bos = adds_bos(llm)
     bos = llm.token_bos()
     if add_bos and bos >= 0:
-        bos_text = llm._model.token_get_text(bos)
+        bos_text = llama_cpp.llama_vocab_get_text(vocab(llm), bos).decode("utf-8")
         if text.startswith(bos_text):
             text = text[len(bos_text):]
     return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
@@ -229,7 +244,9 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
 
     # (2b) the template's end-of-turn token is EOS/EOT in the GGUF and llama.cpp ends generation on it
     eot_text = end_of_turn_token(tokenizer.chat_template, tokenizer.get_vocab())
-    eos_id, eot_id = llm.token_eos(), llm._model.token_eot()
+    import llama_cpp
+
+    eos_id, eot_id = llm.token_eos(), llama_cpp.llama_vocab_eot(vocab(llm))
     stop_ids_ok = True
     if eot_text is not None:
         eot_hf = tokenizer.convert_tokens_to_ids(eot_text)
@@ -280,7 +297,7 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
         "tokens_match": token_matches,
         "template_match": template_matches,
         "bos_doubled": doubled,
-        "add_bos": bool(llm._model.add_bos_token()),
+        "add_bos": adds_bos(llm),
         "eos_id": eos_id,
         "eot_id": eot_id,
         "stop_tokens_ok": stop_ids_ok,
