@@ -265,8 +265,8 @@ def run_variant(name: str, work: Path, model: Path, h: dict, lf_venv: Path) -> d
     return res
 
 
-def lf_status(lf_venv: Path) -> str | None:
-    """None when LLaMA-Factory can be run from lf_venv, else why not."""
+def lf_status(lf_venv: Path, ours_torch: str) -> str | None:
+    """None when LLaMA-Factory can be run from lf_venv on our torch, else why not."""
     cli = lf_venv / "bin/llamafactory-cli"
     if not cli.exists():
         return f"{cli} not found (run with --setup-lf to create its virtualenv: pip install llamafactory, CPU torch)"
@@ -274,6 +274,9 @@ def lf_status(lf_venv: Path) -> str | None:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         return f"llamafactory does not import in {lf_venv}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    lf_torch = proc.stdout.split()[-1]
+    if lf_torch != ours_torch:
+        return f"{lf_venv} has torch {lf_torch}, not ours ({ours_torch}): recreate it with --setup-lf"
     return None
 
 
@@ -296,10 +299,11 @@ def setup_lf(lf_venv: Path) -> None:
     wheels = sorted(TORCH_WHEEL_DIR.glob("torch-*+cpu-*.whl"))
     if not wheels:
         raise SystemExit(f"no CPU torch wheel in {TORCH_WHEEL_DIR}: cannot pin LLaMA-Factory to our torch")
-    torch_version = wheels[-1].name.split("-")[1]  # e.g. 2.13.0+cpu
+    pinned = wheels[-1].name.split("-")[1]  # e.g. 2.13.0+cpu
+    shutil.rmtree(lf_venv, ignore_errors=True)  # a venv that failed lf_status is rebuilt, not patched
     subprocess.run(["python3", "-m", "venv", str(lf_venv)], check=True)
     subprocess.run([str(lf_venv / "bin/python"), "-m", "pip", "install", "--quiet", "--find-links", str(TORCH_WHEEL_DIR),
-                    f"torch=={torch_version}", f"llamafactory=={LF_VERSION}"], check=True)
+                    f"torch=={pinned}", f"llamafactory=={LF_VERSION}"], check=True)
     subprocess.run([str(lf_venv / "bin/python"), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision"], check=True)
     for lib in lf_venv.glob("lib/python*/site-packages/torchaudio/lib/*.so"):
         lib.unlink()
@@ -341,7 +345,8 @@ def main() -> int:
         args.out.write_text(json.dumps(res))
         return 0
 
-    if args.setup_lf and lf_status(args.lf_venv):  # idempotent: an importable venv is kept
+    ours_torch = torch_version(sys.executable)
+    if args.setup_lf and lf_status(args.lf_venv, ours_torch):  # idempotent: a working venv on our torch is kept
         setup_lf(args.lf_venv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="lorapipe-train-bench-"))
     (work / "common").mkdir(parents=True, exist_ok=True)
@@ -353,13 +358,8 @@ def main() -> int:
             build_model(model, args.hidden, args.layers)
     h = hyper(args)
     names = args.variants.split(",")
-    why_not_lf = lf_status(args.lf_venv) if "lf" in names else None
-    versions = f"torch {torch_version(sys.executable)} (ours)"
-    if "lf" in names and not why_not_lf:
-        lf_torch = torch_version(str(args.lf_venv / "bin/python"))
-        versions += f", torch {lf_torch} (LLaMA-Factory)"
-        if lf_torch != torch_version(sys.executable):
-            why_not_lf = f"{args.lf_venv} has torch {lf_torch}, not ours: recreate it with --setup-lf"
+    why_not_lf = lf_status(args.lf_venv, ours_torch) if "lf" in names else None
+    versions = f"torch {ours_torch} on both sides" if "lf" in names and not why_not_lf else f"torch {ours_torch}"
     results = {}
     for name in names:
         if name == "lf" and why_not_lf:
