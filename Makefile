@@ -25,11 +25,13 @@ LLAMA_SRC_STAMP := $(LORAPIPE_LLAMA_CPP)/.fetched
 LLAMA_BUILD_STAMP := $(LORAPIPE_LLAMA_CPP)/build-cpu/.built
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: setup browser repro test test-quick bench bench-shapes gpu-check clean-venv
-setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP) browser
+.PHONY: setup setup-browser repro test test-quick bench bench-shapes gpu-check clean-venv
+# The pipeline's set-up: the virtualenv and llama.cpp, nothing installed system-wide.
+setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
 
-# Headless chromium + chromium-driver for the ui's browser test (a no-op when both are installed).
-browser:
+# Headless chromium + chromium-driver for the ui's browser test, a system package (apt-get, as root
+# only; otherwise it says so and tests/test_ui.py skips that test). A no-op when both are installed.
+setup-browser:
 	scripts/install-browser.sh
 
 $(LLAMA_SRC_STAMP):
@@ -45,8 +47,9 @@ $(VENV_STAMP): requirements.txt pyproject.toml $(LLAMA_SRC_STAMP) scripts/setup-
 repro: setup
 	$(BIN)/dvc repro
 
-# The whole suite, slow end-to-end tests included (CI runs this).
-test: setup
+# The whole suite, slow end-to-end tests included (CI runs this); the only target besides
+# setup-browser that installs the test browser.
+test: setup setup-browser
 	$(BIN)/python -m pytest
 
 # The quick suite: everything but the few marked slow end-to-end tests.
