@@ -1,5 +1,6 @@
 """Bad raw input through the real `clean` stage: each case is rejected with its reason and its file:line,
 or (BOM, CRLF, blank lines) read correctly; nothing is silently lost; strict mode names file:line.
+The same cases as source files through ingest + clean: every line of the inputs is in one count.
 
 One module-scoped run of the stage over files that hold every case keeps this quick; each case is then
 its own test. (A missing source file and an unknown source type are ingest's: tests/test_ingest.py.)
@@ -15,7 +16,7 @@ import pytest
 
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import parse
-from lorapipe.stages import clean
+from lorapipe.stages import clean, ingest
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 2048
@@ -62,15 +63,22 @@ def mixed_bytes() -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+def new_project(tmp_path_factory, tokenizer_dir: Path, name: str) -> Path:
+    """A folder with models/base (the tokenizer clean counts tokens with) and data/rules.yaml."""
+    project = tmp_path_factory.mktemp(name)
+    (project / "models").mkdir()
+    (project / "models" / "base").symlink_to(tokenizer_dir, target_is_directory=True)
+    (project / "data").mkdir()
+    shutil.copy(REPO / "data" / "rules.yaml", project / "data" / "rules.yaml")
+    return project
+
+
 @pytest.fixture(scope="module")
 def cleaned(tmp_path_factory, smollm2_tokenizer_dir):
     """Run the stage once over all cases; return (project dir, rejects by 'at', kept rows, metrics)."""
-    project = tmp_path_factory.mktemp("bad-input")
-    (project / "models").mkdir()
-    (project / "models" / "base").symlink_to(smollm2_tokenizer_dir, target_is_directory=True)
+    project = new_project(tmp_path_factory, smollm2_tokenizer_dir, "bad-input")
     raw = project / "data" / "raw"
-    raw.mkdir(parents=True)
-    shutil.copy(REPO / "data" / "rules.yaml", project / "data" / "rules.yaml")
+    raw.mkdir()
     (raw / "mixed.jsonl").write_bytes(mixed_bytes())
     (raw / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jl(turns(("user", "BOM first"), ("assistant", "Read fine."))) + b"\n")
     (raw / "crlf.jsonl").write_bytes(b"".join(jl(turns(("user", f"crlf {i}"), ("assistant", f"windows line {i}"))) + b"\r\n" for i in range(3)))
@@ -143,6 +151,64 @@ def test_nothing_is_silently_lost(cleaned):
         assert c["read"] == c["kept"] + c["rejected"] == c["train"] + c["eval"] + c["rejected"]
         assert c["read"] + c["blank_lines"] == raw_lines[name]
     assert not list(project.rglob("*.partial"))
+
+
+def eighteen_lines_fifth_empty() -> bytes:
+    rows = [jl(turns(("user", f"question {i} about my day"), ("assistant", f"answer {i}, tell me more"))) for i in range(17)]
+    return b"\n".join(rows[:4] + [b""] + rows[4:]) + b"\n"
+
+
+# source file -> its bytes; each has blank lines somewhere (inside, first, last), each is read by a line-based adapter
+SOURCES = {
+    "sources/mixed.jsonl": mixed_bytes(),
+    "sources/eighteen.jsonl": eighteen_lines_fifth_empty(),
+    "sources/edges.jsonl": b"\n \r\n" + jl(GOOD) + b"\r\n\r\n" + MIXED[1][0] + b"\n\t\n\n",
+    "sources/lf/chats.jsonl": b"\n".join([jl(GOOD), b"", jl({"messages": "x"}), b"  ", jl(GOOD)]) + b"\n\n",
+}
+SOURCE_PARAMS = [
+    {"name": "mixed", "type": "sharegpt", "path": "sources/mixed.jsonl"},
+    {"name": "eighteen", "type": "sharegpt", "path": "sources/eighteen.jsonl"},
+    {"name": "edges", "type": "sharegpt", "path": "sources/edges.jsonl"},
+    {"name": "lf", "type": "llamafactory", "dataset_info": "sources/lf/dataset_info.json", "datasets": ["chats"]},
+]
+SOURCE_FILES = {"mixed": ["sources/mixed.jsonl"], "eighteen": ["sources/eighteen.jsonl"],
+                "edges": ["sources/edges.jsonl"], "lf": ["sources/lf/chats.jsonl"]}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, smollm2_tokenizer_dir):
+    """Ingest then clean over the SOURCES; return (project dir, ingest's summary, clean's metrics)."""
+    project = new_project(tmp_path_factory, smollm2_tokenizer_dir, "ingest-clean")
+    for name, data in SOURCES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_bytes(data)
+    (project / "sources/lf/dataset_info.json").write_text(json.dumps({"chats": {"file_name": "chats.jsonl", "formatting": "sharegpt"}}))
+    params = parse({"data": {"sources": SOURCE_PARAMS, "clean": {"max_tokens": MAX_TOKENS}}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        summary = ingest.run(params)
+        clean.run(params)
+    return project, summary, json.loads((project / "metrics/data.json").read_text())
+
+
+def test_a_blank_line_of_a_source_is_counted_by_ingest(ingested):
+    _, summary, metrics = ingested
+    assert summary["blank_lines.eighteen"] == 1 and summary["rows.eighteen"] == 17
+    assert metrics["sources"]["eighteen"]["read"] == 17 and metrics["sources"]["eighteen"]["blank_lines"] == 0
+    assert summary["blank_lines.mixed"] == 2 and summary["blank_lines.edges"] == 5 and summary["blank_lines.lf"] == 3
+    assert summary["blank_lines"] == 11
+
+
+def test_ingest_and_clean_count_every_line_of_the_inputs(ingested):
+    project, summary, metrics = ingested
+    lines = {name: sum(len((project / f).read_bytes().splitlines()) for f in files) for name, files in SOURCE_FILES.items()}
+    for name, c in metrics["sources"].items():
+        ingest_counts = summary[f"rows.{name}"] + summary.get(f"quarantined.{name}", 0) + summary.get(f"blank_lines.{name}", 0)
+        assert ingest_counts == lines[name]
+        assert summary.get(f"blank_lines.{name}", 0) + c["read"] + c["blank_lines"] == lines[name]
+        assert c["read"] == c["kept"] + c["rejected"]
+    assert summary["blank_lines"] + metrics["read"] + metrics["blank_lines"] == sum(lines.values())
+    assert metrics["kept"] + metrics["rejected"] == metrics["read"] and sum(metrics["dropped"].values()) == metrics["rejected"]
 
 
 def test_strict_mode_names_the_first_bad_line(cleaned, tmp_path, monkeypatch):

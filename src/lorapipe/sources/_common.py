@@ -1,4 +1,5 @@
-"""What every adapter shares: the two kinds of output record, stats, and turning speaker turns into roles.
+"""What every adapter shares: the two kinds of output record, stats, counted JSONL lines, and turning
+speaker turns into roles.
 
 An adapter converts faithfully and judges nothing: a record it can read becomes a row (even one the
 `clean` stage will later reject, which then gets a file:line reason there); a record it cannot read
@@ -11,9 +12,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.io import JsonlLine, iter_jsonl
 
 RAW_LIMIT = 2000  # characters of the original text kept in a quarantine record
 
@@ -24,7 +26,7 @@ class Context:
 
     source: Any  # the source's params object (one of lorapipe.params' *Source classes)
     key: str  # its params key, e.g. "data.sources[2] (support)"
-    stats: Counter = field(default_factory=Counter)  # adapter-specific counts (trimmed_turns, ...)
+    stats: Counter = field(default_factory=Counter)  # adapter-specific counts (blank_lines, trimmed_turns, ...)
 
     @property
     def name(self) -> str:
@@ -56,6 +58,19 @@ def load_json(path: Path, data: bytes | None = None) -> Any:
         raise LorapipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise LorapipeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def jsonl_lines(path: Path, ctx: Context) -> Iterator[JsonlLine]:
+    """Every non-blank line of a JSONL file (core.io.iter_jsonl); the empty or whitespace-only lines
+    it skips, which hold no row, are counted in ctx.stats["blank_lines"]: rows + quarantined +
+    blank_lines is the file's line count."""
+    last = 0
+    for line in iter_jsonl(path):
+        ctx.stats["blank_lines"] += line.lineno - last - 1
+        last = line.lineno
+        yield line
+    with open(path, "rb") as f:  # the lines after the last non-blank one, counted as iter_jsonl numbers them
+        ctx.stats["blank_lines"] += sum(1 for _ in f) - last
 
 
 def turns_to_messages(turns: Iterable[tuple[Any, str]], joiner: str, ctx: Context) -> list[dict]:

@@ -12,6 +12,7 @@ Accepted beyond LLaMA-Factory, because the seed's hand-written registry uses the
 `file_name`, `format` for `formatting`; and for a sharegpt entry without explicit `columns`/`tags`,
 rows in OpenAI style (`messages` of role/content) are read as such instead of failing.
 Tags outside the mapping (tool observation/function turns) stay as roles; `clean` rejects them.
+Blank lines of a JSON-lines file hold no record and are counted in stats["blank_lines"].
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import iter_jsonl
-from lorapipe.sources._common import Context, load_json
+from lorapipe.sources._common import Context, jsonl_lines, load_json
 
 DEFAULT_TAGS = {
     "role_tag": "from",
@@ -125,12 +125,12 @@ def _entry(ctx: Context, info_path: Path, info: dict, name: str) -> tuple[list[P
     return files, formatting, columns, tags, auto_openai
 
 
-def _records(path: Path) -> Iterator[tuple[str, Any, str | None, str]]:
+def _records(path: Path, ctx: Context) -> Iterator[tuple[str, Any, str | None, str]]:
     """(origin, value, error, text) per record of a .json array or JSON-lines file (as `datasets` reads both)."""
     data = path.read_bytes()
     head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head != b"[":
-        for line in iter_jsonl(path):
+        for line in jsonl_lines(path, ctx):
             yield f"{path}:{line.lineno}", line.value, line.error, line.text
         return
     records = load_json(path, data)
@@ -143,7 +143,7 @@ def read(ctx: Context) -> Iterator[dict]:
     for name in ctx.source.datasets:
         files, formatting, columns, tags, auto_openai = _entry(ctx, info_path, info, name)
         for path in files:
-            for origin, value, error, text in _records(path):
+            for origin, value, error, text in _records(path, ctx):
                 if error:
                     yield ctx.quarantine(origin, error, text)
                     continue

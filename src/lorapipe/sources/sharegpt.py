@@ -4,21 +4,21 @@ A line `{"messages": [{"role", "content"}, ...]}` passes through as it is (plus 
 judging its structure is the `clean` stage's job. As a convenience a LLaMA-Factory style line
 `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system"?: ...}` is converted
 with LLaMA-Factory's default tags. A line that cannot be read as an object (invalid UTF-8, invalid
-JSON, an array, ...) becomes a quarantine record with its line number.
+JSON, an array, ...) becomes a quarantine record with its line number; an empty or whitespace-only
+line holds no row and is counted in stats["blank_lines"].
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from lorapipe.core.io import iter_jsonl
-from lorapipe.sources._common import Context
+from lorapipe.sources._common import Context, jsonl_lines
 from lorapipe.sources.llamafactory import DEFAULT_TAGS, sharegpt_messages
 
 
 def read(ctx: Context) -> Iterator[dict]:
     path = ctx.existing(ctx.source.path)
-    for line in iter_jsonl(path):
+    for line in jsonl_lines(path, ctx):
         origin = f"{ctx.source.path}:{line.lineno}"
         if line.error:
             yield ctx.quarantine(origin, line.error, line.text)

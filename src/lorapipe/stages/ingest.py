@@ -3,7 +3,9 @@
 Each line of a raw file is a row `{"messages", "source", "origin"}` or, for input that could not be
 read as a row at all, a quarantine record `{"source", "origin", "error", "raw"}`. Ingest converts
 faithfully and judges no structure: `clean` validates every row with a file:line reason, and its
-counts add up to everything written here. data/raw is this stage's whole output: it is rebuilt as
+counts add up to everything written here. The one thing of an input not written is a blank line of
+a JSONL file (it holds no row): counted per source, so for such a file rows + quarantined +
+blank_lines is its line count. data/raw is this stage's whole output: it is rebuilt as
 one folder and swapped in atomically, so files of sources no longer listed disappear with it and an
 interrupted run leaves the previous folder untouched.
 """
@@ -21,7 +23,7 @@ from lorapipe.sources._common import Context
 
 def run(params) -> dict:
     sources = params.data.sources
-    summary: dict = {"sources": len(sources), "rows": 0, "quarantined": 0}
+    summary: dict = {"sources": len(sources), "rows": 0, "quarantined": 0, "blank_lines": 0}
     extra: Counter = Counter()
     with atomic_path(RAW_DIR, is_dir=True) as tmp:
         for i, src in enumerate(sources):
@@ -37,11 +39,15 @@ def run(params) -> dict:
                         quarantined += 1
                     else:
                         rows += 1
+            blank = ctx.stats.pop("blank_lines", 0)
             summary[f"rows.{src.name}"] = rows
             if quarantined:
                 summary[f"quarantined.{src.name}"] = quarantined
+            if blank:
+                summary[f"blank_lines.{src.name}"] = blank
             summary["rows"] += rows
             summary["quarantined"] += quarantined
+            summary["blank_lines"] += blank
             extra.update(ctx.stats)
     if extra.get("trimmed_turns"):
         summary["trimmed_turns"] = extra["trimmed_turns"]
