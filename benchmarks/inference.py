@@ -1,16 +1,17 @@
 """Decode speed of the quantized GGUF vs the HF merged model on this CPU, and against the
 memory-bandwidth bound, side by side in one run.
 
-    .venv/bin/python benchmarks/inference.py [--merged models/merged] [--gguf models/gguf/model-q4_k_m.gguf]
+    .venv/bin/python benchmarks/inference.py [--merged models/merged] [--gguf models/gguf/model-quant.gguf]
         [--ref-gguf models/gguf/model-auto.gguf] [--threads 2] [--prompt-tokens 64] [--gen-tokens 64]
     .venv/bin/python benchmarks/inference.py --shape qwen2.5-1.5b-instruct
 
-Defaults are the pipeline's outputs (core/paths.py with export.quant / export.outtype and
+Defaults are the pipeline's outputs (core/paths.py with export.outtype and
 evaluate.threads from params.yaml); any merged HF folder + GGUF pair works.
 
 --shape NAME measures a model with exactly the shapes of a model our users ship (its config.json
 values below) instead: random weights, the real tokenizer of its family from the pinned llama.cpp
-tree, converted by the convert stage's own function and quantized by llama-quantize (export.quant).
+tree, converted by the convert stage's own function and quantized by llama-quantize (export.quant, or
+the first of export.quant_candidates for `auto`: random weights keep no fine-tune to choose by).
 Decode speed depends on the shapes and the file's tensor types, not on the weights' values, so this
 is the speed of that model on this machine without downloading it. Built once under
 $LORAPIPE_CACHE/bench/NAME (~7 GB; LORAPIPE_CACHE defaults to ~/.cache/lorapipe) in ~3 minutes,
@@ -95,11 +96,12 @@ def main() -> int:
     os.chdir(REPO)
     from lorapipe import params as params_mod
     from lorapipe.core import inference_speed, paths
+    from lorapipe.core.hfmodel import QUANT_AUTO
 
     p = params_mod.load("params.yaml")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--merged", type=Path, default=paths.MERGED_DIR, help="merged HF model folder")
-    ap.add_argument("--gguf", type=Path, default=paths.gguf_path(p.export.quant), help="quantized GGUF")
+    ap.add_argument("--gguf", type=Path, default=paths.QUANT_GGUF, help="quantized GGUF")
     ap.add_argument("--ref-gguf", type=Path, default=paths.gguf_path(p.export.outtype),
                     help="unquantized GGUF shown for reference (skipped when missing)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="measure a random-weight model of these shapes instead")
@@ -109,7 +111,8 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.perf_counter()
     if args.shape:
-        args.merged, args.ref_gguf, args.gguf = shaped_model(args.shape, p.export.quant)
+        quant = p.export.quant_candidates[0] if p.export.quant == QUANT_AUTO else p.export.quant
+        args.merged, args.ref_gguf, args.gguf = shaped_model(args.shape, quant)
     for path in (args.merged, args.gguf):
         if not path.exists():
             print(f"error: {path} not found (run `make repro`, or pass --merged / --gguf)", file=sys.stderr)

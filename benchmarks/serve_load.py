@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorapipe.core import paths
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="GGUF (default: models/gguf/model-<export.quant>.gguf)")
+    p.add_argument("--model", default=None, help="GGUF (default: models/gguf/model-quant.gguf)")
     p.add_argument("--clients", default="1,4,8", help="concurrent clients per round (comma-separated)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per round")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     params = params_mod.load(ROOT / "params.yaml")
-    model = Path(args.model) if args.model else ROOT / paths.gguf_path(params.export.quant)
+    model = Path(args.model) if args.model else ROOT / paths.QUANT_GGUF
     if not model.is_file():
         raise SystemExit(f"{model}: not found; run `dvc repro quantize` or pass --model")
     ctx = args.ctx or params.serve.ctx

@@ -118,8 +118,10 @@ def test_params_are_own_section_and_exist():
     trust = "model.trust_remote_code"
     own = {
         "base": ("model",), "ingest": ("data.sources",), "clean": ("data.clean", "data.split"),
-        "train": ("train", "lora", trust), "merge": ("merge", trust), "convert": ("export", trust), "quantize": ("export", trust),
-        "evaluate": ("evaluate", "export.outtype", "export.quant", trust), "package": ("package", "chat", "serve", "export.quant"),
+        "train": ("train", "lora", trust), "merge": ("merge", trust), "convert": ("export", trust),
+        # quantize gates each candidate type with evaluate's thresholds, on evaluate's chunks (core/retention.py)
+        "quantize": ("export", trust, "evaluate.ctx", "evaluate.max_chunks", "evaluate.max_ppl_delta_pct", "evaluate.min_finetune_kept"),
+        "evaluate": ("evaluate", "export.outtype", trust), "package": ("package", "chat", "serve"),
     }
     p = params_mod.load(REPO_ROOT / "params.yaml").model_dump()
     for name, stage in load_stages().items():
@@ -130,3 +132,17 @@ def test_params_are_own_section_and_exist():
             for part in key.split("."):
                 assert part in node, f"stage {name}: params key {key} does not exist"
                 node = node[part]
+
+
+def test_the_quantized_file_is_one_static_out():
+    """Whatever type export.quant chooses, quantize writes one fixed path (core/paths.QUANT_GGUF), and every
+    stage that reads it names that same path: `dvc exp run -S export.quant=...` changes no out."""
+    from lorapipe.core import paths
+
+    stages = load_stages()
+    quant = paths.QUANT_GGUF.as_posix()
+    assert stages["quantize"]["outs"] == [quant]
+    for name in ("evaluate", "package"):
+        assert quant in stages[name]["deps"], name
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    assert "${export.quant" not in text

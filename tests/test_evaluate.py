@@ -54,14 +54,14 @@ def workspace(tmp_path_factory, tiny_model, smollm2_tokenizer_dir):
     shutil.copytree(tiny_model("llama"), ws / paths.MERGED_DIR)
     build_tiny_model("llama", smollm2_tokenizer_dir, ws / paths.BASE_DIR, seed=1)  # differs from merged
     convert(ws / paths.MERGED_DIR, ws / paths.gguf_path("f16"), "f16")
-    quantize_file(ws / paths.gguf_path("f16"), ws / paths.gguf_path("q4_k_m"), "q4_k_m")
+    quantize_file(ws / paths.gguf_path("f16"), ws / paths.QUANT_GGUF, "q4_k_m")
     write_rows(ws / paths.EVAL_JSONL, eval_rows(24))
     return ws
 
 
 def run_kwargs(ws, quant="q4_k_m") -> dict:
     return dict(eval_jsonl=ws / paths.EVAL_JSONL, base_dir=ws / paths.BASE_DIR, merged_dir=ws / paths.MERGED_DIR,
-                ref_gguf=ws / paths.gguf_path("f16"), quant_gguf=ws / paths.gguf_path(quant), quant_name=quant)
+                ref_gguf=ws / paths.gguf_path("f16"), quant_gguf=ws / paths.QUANT_GGUF, quant_name=quant)
 
 
 def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):
@@ -118,19 +118,24 @@ def test_gates_name_the_cause_with_the_figures_of_a_lost_fine_tune():
     from pathlib import Path
 
     from lorapipe.core.assistant_scores import Scores
-    from lorapipe.stages.evaluate import quantization_gates
+    from lorapipe.core.retention import REMEDIES, Figures, Gates, gate_failures
 
     ep = params_mod.EvaluateParams()
-    scores = {"hf_merged": Scores(4.16, None), "hf_base": Scores(5.31, 0.35), "quant": Scores(5.2, 0.33)}
-    kept = 1 - 0.33 / 0.35
-    failures = quantization_gates(ep, quant_gguf=Path("models/gguf/model-q4_k_m.gguf"), ref_gguf=Path("model-f16.gguf"),
-                                  ppl_ref=5.497, ppl_quant=5.006, kld_full=0.079, scores=scores, kept=kept)
+    gates = Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept)
+    scores = {"hf_merged": Scores(4.16, None), "hf_base": Scores(5.31, 0.35)}
+    lost = Figures(ppl=5.006, ppl_delta_pct=(5.006 - 5.497) / 5.497 * 100, kld=0.079, same_top_pct=80.0, rms_dp_pct=5.0,
+                   assistant=Scores(5.2, 0.33), finetune_kept=1 - 0.33 / 0.35)
+    failures = gate_failures(gates, lost, quant_gguf=Path("models/gguf/model-quant.gguf"), quant_type="Q4_K_M",
+                             ref_gguf=Path("model-f16.gguf"), ppl_ref=5.497, scores=scores)
     assert len(failures) == 2
     assert re.search(r"perplexity 5.0060 is 8.93 % \*below\* its own unquantized file's .*most likely the base", failures[0])
-    assert re.search(r"lost the fine-tune: it kept 6% of it \(limit evaluate.min_finetune_kept = 50%\).*0.3300.*0.3500.*"
-                     r"q4_k_m grid.*export.quant: q6_k or q8_0.*full-precision base", failures[1])
-    assert quantization_gates(ep, quant_gguf=Path("q.gguf"), ref_gguf=Path("f.gguf"), ppl_ref=4.093, ppl_quant=4.17,
-                              kld_full=0.02, scores=scores, kept=0.7) == []
+    assert re.search(r"\(Q4_K_M\): the quantized model lost the fine-tune: it kept 6% of it \(limit "
+                     r"evaluate.min_finetune_kept = 50%\).*0.3300.*0.3500.*Q4_K_M grid", failures[1])
+    assert re.search(r"q6_k or q8_0 to export.quant_candidates.*full-precision base.*train.max_steps", REMEDIES)
+    kept = Figures(ppl=4.17, ppl_delta_pct=(4.17 - 4.093) / 4.093 * 100, kld=0.02, same_top_pct=90.0, rms_dp_pct=3.0,
+                   assistant=Scores(4.2, 0.1), finetune_kept=0.7)
+    assert gate_failures(gates, kept, quant_gguf=Path("q.gguf"), quant_type="Q4_K_M", ref_gguf=Path("f.gguf"),
+                         ppl_ref=4.093, scores=scores) == []
 
 
 def test_short_eval_split_shrinks_context_and_still_agrees(workspace, tmp_path):
@@ -138,7 +143,7 @@ def test_short_eval_split_shrinks_context_and_still_agrees(workspace, tmp_path):
     figures come from llama-perplexity's per-chunk rows rather than its final block."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    f16, quant = workspace / paths.gguf_path("f16"), workspace / paths.gguf_path("q4_k_m")
+    f16, quant = workspace / paths.gguf_path("f16"), workspace / paths.QUANT_GGUF
     tok = AutoTokenizer.from_pretrained(workspace / paths.MERGED_DIR)
     text = ppl.render_text(eval_rows(2), tok)
     text_file = tmp_path / "eval.txt"
@@ -194,10 +199,11 @@ def test_missing_or_truncated_gguf_is_named(workspace, tmp_path):
     from lorapipe.stages.evaluate import evaluate
 
     ep = params_mod.EvaluateParams(**FAST)
-    with pytest.raises(LorapipeError, match=r"model-q5_k_m\.gguf: GGUF file not found; it is made by stage quantize"):
-        evaluate(ep, **run_kwargs(workspace, quant="q5_k_m"))
+    missing = tmp_path / "model-quant.gguf"
+    with pytest.raises(LorapipeError, match=r"model-quant\.gguf: GGUF file not found; it is made by stage quantize"):
+        evaluate(ep, **{**run_kwargs(workspace), "quant_gguf": missing})
     broken = tmp_path / "model-q4_k_m.gguf"
-    broken.write_bytes((workspace / paths.gguf_path("q4_k_m")).read_bytes()[:4096])  # truncated copy
+    broken.write_bytes((workspace / paths.QUANT_GGUF).read_bytes()[:4096])  # truncated copy
     with pytest.raises(LorapipeError, match=re.escape(f"on {broken}: llama-perplexity failed with exit code 1")):
         evaluate(ep, **{**run_kwargs(workspace), "quant_gguf": broken})
 
@@ -206,7 +212,7 @@ def test_llama_perplexity_failure_shows_its_stderr_tail(workspace, tmp_path):
     stale = tmp_path / "f16.logits"
     stale.write_bytes(b"not a logits file\n")
     with pytest.raises(LorapipeError) as err:
-        ppl.gguf_kl_divergence(workspace / paths.gguf_path("q4_k_m"), stale, ppl.ChunkPlan(64, 4, False), 1)
+        ppl.gguf_kl_divergence(workspace / paths.QUANT_GGUF, stale, ppl.ChunkPlan(64, 4, False), 1)
     what, tail = str(err.value).split("stderr tail:")
     assert "llama-perplexity --kl-divergence on" in what and "no KL-divergence result" in what
     assert "does not look like a file containing log-probabilities" in tail  # llama.cpp's own words

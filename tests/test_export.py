@@ -23,6 +23,7 @@ from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ParityParams
 from lorapipe.stages.convert import convert
 from lorapipe.stages.merge import merge
+from lorapipe.core.retention import Gates
 from lorapipe.stages.quantize import check_type, quantize, valid_types
 
 # Eval-split-like rows (ShareGPT): the parity gate renders them up to the last user turn.
@@ -43,6 +44,9 @@ EVAL_ROWS = [
 # model (0.91-1.00 measured); the gate's default 0.8 is for trained models.
 # F16 logits of tiny models are within 0.003 of HF (measured), so their bound is tighter than the default.
 RANDOM_MODEL_PARITY = ParityParams(max_new_tokens=8, min_argmax_agreement_quant=0.5, max_abs_logit_diff=0.02)
+# evaluate's defaults (params.EvaluateParams)
+DEFAULT_GATES = Gates(max_ppl_delta_pct=5.0, min_finetune_kept=0.5)
+CANDIDATES = ["q4_k_m", "q5_k_m", "q6_k", "q8_0"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,15 @@ def exported(tiny_adapter, tmp_path_factory):
     f16 = root / "model-f16.gguf"
     result = convert(merged, f16, "f16", name="tiny-support", description="tiny test model")
     return merged, f16, result
+
+
+def run_quantize(exported, tiny_adapter, out, quant, **kwargs):
+    """Stage quantize's function on the shared tiny model: its merged folder, base and F16 file."""
+    merged, f16, _ = exported
+    base, _ = tiny_adapter("llama")
+    kwargs = {"eval_rows": EVAL_ROWS, "parity_params": RANDOM_MODEL_PARITY, "gates": DEFAULT_GATES,
+              "candidates": CANDIDATES, "merged_dir": merged, "base_dir": base, **kwargs}
+    return quantize(kwargs.pop("ref_gguf", f16), out, quant, **kwargs)
 
 
 def test_convert_writes_chat_metadata(exported):
@@ -84,11 +97,14 @@ def test_convert_restores_token_types_of_a_transformers5_folder(exported, tmp_pa
     assert (bare / "tokenizer_config.json").read_bytes() == before
 
 
-def test_quantize_q4_k_m_shows_fallbacks_and_passes_parity(exported, tmp_path):
-    merged, f16, _ = exported
-    out = tmp_path / "model-q4_k_m.gguf"
-    metrics = quantize(f16, out, "q4_k_m", merged_dir=merged, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY)
-    assert out.is_file() and metrics["quant"] == "Q4_K_M"
+def test_quantize_q4_k_m_shows_fallbacks_and_passes_parity(exported, tiny_adapter, tmp_path):
+    out = tmp_path / "model-quant.gguf"
+    metrics = run_quantize(exported, tiny_adapter, out, "q4_k_m")
+    assert out.is_file() and metrics["quant"] == "Q4_K_M" == gguf_meta.file_type(out)
+    # a fixed type is a one-row candidate table
+    [row] = metrics["candidates"]
+    assert row["type"] == "Q4_K_M" and row["passed"] and row["failures"] == []
+    assert metrics["choice"].startswith("export.quant: Q4_K_M (fixed type")
     # hidden 64 is not a multiple of 256: no K-quant block fits, Q4_K -> Q5_0 and Q6_K -> Q8_0
     types = metrics["tensor_types"]
     assert types.get("Q5_0", 0) > 0 and types.get("Q8_0", 0) > 0 and "Q4_K" not in types and "Q6_K" not in types
@@ -102,21 +118,59 @@ def test_quantize_q4_k_m_shows_fallbacks_and_passes_parity(exported, tmp_path):
     assert p["quant_argmax_agreement"] >= 0.5
 
 
-def test_quantize_with_imatrix(exported, tmp_path):
-    merged, f16, _ = exported
+def test_quantize_with_imatrix(exported, tiny_adapter, tmp_path):
     train_rows = EVAL_ROWS * 8  # rendered: well over the 2 x 128 tokens llama-imatrix needs
-    out = tmp_path / "model-q4_k_m.gguf"
-    metrics = quantize(f16, out, "Q4_K_M", merged_dir=merged, eval_rows=EVAL_ROWS[:1], parity_params=RANDOM_MODEL_PARITY,
-                       train_rows=train_rows)
+    out = tmp_path / "model-quant.gguf"
+    metrics = run_quantize(exported, tiny_adapter, out, "Q4_K_M", train_rows=train_rows)
     assert metrics["imatrix"] is True and out.is_file()
     # The file records the imatrix and its text by name only, not by their temporary paths: the
     # same inputs give the same bytes (and DVC hash) on every run.
     meta = gguf_meta.metadata(out)
     assert meta["quantize.imatrix.file"] == "imatrix.gguf" and meta["quantize.imatrix.dataset"] == "calibration.txt"
-    again = tmp_path / "again" / "model-q4_k_m.gguf"
-    quantize(f16, again, "Q4_K_M", merged_dir=merged, eval_rows=EVAL_ROWS[:1], parity_params=RANDOM_MODEL_PARITY,
-             train_rows=train_rows)
+    again = tmp_path / "again" / "model-quant.gguf"
+    run_quantize(exported, tiny_adapter, again, "Q4_K_M", train_rows=train_rows)
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_auto_keeps_the_first_candidate_that_passes(exported, tiny_adapter, tmp_path):
+    """A threshold that Q4_K_M's file fails and Q8_0's passes: auto tries Q4_K_M, records why it failed,
+    and keeps Q8_0 at the output path, with both rows in the table."""
+    wide = Gates(max_ppl_delta_pct=1000.0, min_finetune_kept=-1000.0)
+    q4 = run_quantize(exported, tiny_adapter, tmp_path / "q4" / "m.gguf", "q4_k_m", gates=wide)["candidates"][0]
+    q8 = run_quantize(exported, tiny_adapter, tmp_path / "q8" / "m.gguf", "q8_0", gates=wide)["candidates"][0]
+    # Q8_0 keeps more of the converted file than Q4_K_M (here: Q5_0/Q8_0 blocks, as hidden 64 fits no K-quant)
+    assert abs(q8["ppl_delta_pct"]) < abs(q4["ppl_delta_pct"]), (q4, q8)
+    between = Gates(max_ppl_delta_pct=(abs(q4["ppl_delta_pct"]) + abs(q8["ppl_delta_pct"])) / 2, min_finetune_kept=-1000.0)
+
+    out = tmp_path / "model-quant.gguf"
+    metrics = run_quantize(exported, tiny_adapter, out, "auto", gates=between, candidates=["q4_k_m", "q8_0"])
+    assert metrics["quant"] == "Q8_0" == gguf_meta.file_type(out)
+    assert [(r["type"], r["passed"]) for r in metrics["candidates"]] == [("Q4_K_M", False), ("Q8_0", True)]
+    failed = metrics["candidates"][0]
+    assert any("evaluate.max_ppl_delta_pct" in f for f in failed["failures"]), failed["failures"]
+    assert failed["ppl_delta_pct"] == pytest.approx(q4["ppl_delta_pct"])  # the same measure, run to run
+    assert metrics["candidates"][1]["size_mb"] > failed["size_mb"]
+    assert "auto: Q8_0 is the first" in metrics["choice"] and "Q4_K_M failed" in metrics["choice"]
+    assert metrics["size_bytes"] == out.stat().st_size
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial file left
+
+
+def test_auto_with_no_passing_candidate_fails_with_the_table_and_leaves_nothing(exported, tiny_adapter, tmp_path):
+    out = tmp_path / "model-quant.gguf"
+    impossible = Gates(max_ppl_delta_pct=-1.0, min_finetune_kept=0.5)  # every file "costs" more than -1 %
+    with pytest.raises(LorapipeError) as err:
+        run_quantize(exported, tiny_adapter, out, "auto", gates=impossible, candidates=["q4_k_m", "q8_0"])
+    text = str(err.value)
+    assert "no candidate type passes every gate (nothing was written" in text
+    assert re.search(r"^\s+Q4_K_M\s.*\sno$", text, re.M) and re.search(r"^\s+Q8_0\s.*\sno$", text, re.M)
+    assert "Remedies:" in text and "full-precision base" in text and "train.max_steps" in text
+    assert not list(tmp_path.iterdir())
+
+
+def test_candidate_types_are_checked_before_any_work(exported, tiny_adapter, tmp_path):
+    with pytest.raises(LorapipeError, match=r"unknown quantization type 'q4_km'"):
+        run_quantize(exported, tiny_adapter, tmp_path / "m.gguf", "auto", candidates=["q4_km", "q8_0"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_quant_type_lists_valid_ones():
@@ -130,11 +184,10 @@ def test_unknown_quant_type_lists_valid_ones():
 def test_parity_gate_fails_with_readable_diff_and_no_output(exported, tiny_adapter, tmp_path):
     """The F16 GGUF of the merged model checked against the *base* folder (adapter not merged):
     logits differ, the stage fails naming the figures, and nothing is left at the output path."""
-    _, f16, _ = exported
     base, _ = tiny_adapter("llama")
-    out = tmp_path / "model-q8_0.gguf"
+    out = tmp_path / "model-quant.gguf"
     with pytest.raises(LorapipeError, match=r"parity gate failed.*\n.*logits: max \|HF - GGUF\| = .* > export.parity.max_abs_logit_diff"):
-        quantize(f16, out, "Q8_0", merged_dir=base, eval_rows=EVAL_ROWS[:2], parity_params=RANDOM_MODEL_PARITY)
+        run_quantize(exported, tiny_adapter, out, "Q8_0", merged_dir=base)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -223,5 +276,6 @@ def test_truncated_gguf_is_a_clear_error(exported, tmp_path):
     with pytest.raises(LorapipeError, match=r"model-f16.gguf: (not a readable GGUF file|llama.cpp failed to load)"):
         parity.load_gguf(broken)
     with pytest.raises(LorapipeError, match=r"model-f16.gguf: not a readable GGUF file"):
-        quantize(broken, tmp_path / "q.gguf", "Q8_0", merged_dir=merged, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY)
+        quantize(broken, tmp_path / "q.gguf", "Q8_0", merged_dir=merged, base_dir=merged, eval_rows=EVAL_ROWS,
+                 parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES, candidates=CANDIDATES)
     assert not (tmp_path / "q.gguf").exists()

@@ -59,19 +59,42 @@ def evaluate_with(root, quant: str):
     from lorapipe.stages import evaluate, quantize
 
     with contextlib.chdir(root):
-        quantize.quantize_file(paths.gguf_path("f16"), paths.gguf_path(quant), quant.upper())
+        quantize.quantize_file(paths.gguf_path("f16"), paths.QUANT_GGUF, quant.upper())
         return evaluate.evaluate(params_mod.EvaluateParams(**EVAL), eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
                                  merged_dir=paths.MERGED_DIR, ref_gguf=paths.gguf_path("f16"),
-                                 quant_gguf=paths.gguf_path(quant), quant_name=quant)
+                                 quant_gguf=paths.QUANT_GGUF, quant_name=quant.upper())
 
 
 def test_requantizing_to_the_base_files_type_is_caught_and_explained(finetuned_from_a_q4_file):
     with pytest.raises(LorapipeError) as err:
         evaluate_with(finetuned_from_a_q4_file, "q4_k_m")
     message = str(err.value)
-    assert "model-q4_k_m.gguf: the quantized model lost the fine-tune: it kept" in message
-    assert "came from a quantized GGUF" in message and "export.quant: q6_k or q8_0" in message
+    assert "model-quant.gguf (Q4_K_M): the quantized model lost the fine-tune: it kept" in message
+    assert "came from a quantized GGUF" in message and "q6_k or q8_0 to export.quant_candidates" in message
     assert not (finetuned_from_a_q4_file / paths.METRICS_DIR / "eval.json").exists()
+
+
+def test_auto_skips_the_type_that_lost_the_fine_tune(finetuned_from_a_q4_file):
+    """Stage quantize with export.quant: auto and its default candidates on the same files: Q4_K_M is
+    tried, fails the finetune_kept gate, and a finer type that keeps the fine-tune is kept instead."""
+    from lorapipe.stages import quantize
+
+    with contextlib.chdir(finetuned_from_a_q4_file):
+        p = params_mod.parse({"model": {"preset": "smollm2-135m-instruct"}, "evaluate": EVAL,
+                              "export": {"outtype": "f16", "imatrix": False, "threads": 1,
+                                         # a random model: its argmax flips are not what this test is about
+                                         "parity": {"min_argmax_agreement_quant": 0.0, "max_new_tokens": 4,
+                                                    "max_abs_logit_diff": 1.0, "min_argmax_agreement": 0.0}}})
+        assert p.export.quant == "auto"
+        summary = quantize.run(p)
+        metrics = json.loads(quantize.METRICS.read_text())
+        plot = json.loads(quantize.PLOT.read_text())
+    rows = metrics["candidates"]
+    assert rows[0]["type"] == "Q4_K_M" and not rows[0]["passed"] and rows[0]["finetune_kept"] < 0.5
+    assert any("lost the fine-tune" in f for f in rows[0]["failures"])
+    assert metrics["quant"] == summary["quant"] == rows[-1]["type"] != "Q4_K_M" and rows[-1]["passed"]
+    assert rows[-1]["finetune_kept"] >= 0.5 and rows[-1]["size_mb"] > rows[0]["size_mb"]
+    assert [(r["type"], r["finetune_kept"]) for r in plot] == [(r["type"], r["finetune_kept"]) for r in rows]
 
 
 def test_a_finer_type_keeps_the_fine_tune(finetuned_from_a_q4_file):

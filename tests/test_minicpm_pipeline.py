@@ -60,4 +60,4 @@ def test_minicpm1_needs_the_flag_and_then_runs_every_stage(tmp_path):
         quantize.run(on)  # the parity gate: tokens, template, stop tokens, logits of HF (remote code) vs GGUF
         figures = json.loads((paths.METRICS_DIR / "quantize.json").read_text())["parity"]
         assert figures["passed"] and figures["f16_max_abs_logit_diff"] < 0.05 and figures["tokens_match"] == 2
-        assert gguf_meta.metadata(paths.gguf_path("q4_k_m"))["general.architecture"] == "minicpm"
+        assert gguf_meta.metadata(paths.QUANT_GGUF)["general.architecture"] == "minicpm"

@@ -24,7 +24,11 @@ METRICS = {
                   "sources": {"support": {"read": 8, "kept": 7, "rejected": 1},
                               "chatterbot": {"read": 4, "kept": 3, "rejected": 1}}},
     "train.json": {"train_loss": 2.5, "eval_loss": 2.4, "eval_loss_base": 2.9, "tokens_per_s": 812.5},
-    "quantize.json": {"quant": "Q4_K_M", "size_ratio": 0.31, "tensor_types": {"Q4_K": 10, "Q6_K": 2}},
+    "quantize.json": {"quant": "Q4_K_M", "choice": "auto: Q4_K_M, the first of export.quant_candidates (Q4_K_M, Q8_0), passes every gate",
+                      "size_ratio": 0.31, "tensor_types": {"Q4_K": 10, "Q6_K": 2},
+                      "candidates": [{"type": "Q4_K_M", "size_mb": 0.8, "bits_per_weight": 5.1, "argmax_agreement": 0.91,
+                                      "ppl_delta_pct": 1.5, "kld": 0.01, "kld_assistant_vs_merged": 0.02,
+                                      "finetune_kept": 0.874, "passed": True, "failures": []}]},
     "eval.json": {"ppl_f16": 13.2, "ppl_quant": 13.6, "ppl_delta_pct": 3.0},
 }
 
@@ -40,7 +44,7 @@ def packaged(tiny_gguf, tmp_path_factory):
     _, quantized = tiny_gguf("scripted", quant="Q4_K_M")
     root = tmp_path_factory.mktemp("package-repo")
     (root / "models" / "gguf").mkdir(parents=True)
-    shutil.copy(quantized, root / "models/gguf/model-q4_k_m.gguf")
+    shutil.copy(quantized, root / "models/gguf/model-quant.gguf")
     (root / "metrics").mkdir()
     for name, obj in METRICS.items():
         (root / "metrics" / name).write_text(json.dumps(obj))
@@ -55,7 +59,7 @@ def packaged(tiny_gguf, tmp_path_factory):
                                                                       "train": {"lr": 0.0003, "max_steps": 4}}},
                   "outs": [{"path": "models/adapter", "md5": "fedcba9876543210fedcba9876543210.dir", "size": 200}]},
         "quantize": {"cmd": "lorapipe quantize", "outs": [
-            {"path": "models/gguf/model-q4_k_m.gguf", "md5": "aaaabbbbccccddddeeeeffff00001111", "size": 123}]},
+            {"path": "models/gguf/model-quant.gguf", "md5": "aaaabbbbccccddddeeeeffff00001111", "size": 123}]},
     }}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     git("init", "-q", cwd=root)
@@ -68,7 +72,7 @@ def packaged(tiny_gguf, tmp_path_factory):
 
 def test_modelfile_for_ollama(packaged):
     text = (packaged / "models/gguf/Modelfile").read_text()
-    assert "\nFROM ./model-q4_k_m.gguf\n" in text
+    assert "\nFROM ./model-quant.gguf\n" in text
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     assert "<|im_start|>{{ .Role }}" not in template  # roles are spelt out per branch
     for marker in ("<|im_start|>system", "<|im_start|>user", "<|im_start|>assistant", "<|im_end|>", ".System", ".Messages"):
@@ -88,10 +92,13 @@ def test_model_card_has_provenance_data_params_metrics_and_usage(packaged):
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| support | sharegpt | 8 | 7 | 1 |" in card and "| chatterbot | chatterbot | 4 | 3 | 1 |" in card
     assert "| lora.rank | 4 |" in card and "| train.lr | 0.0003 |" in card  # as dvc.lock recorded them
-    for name, obj in METRICS.items():  # every metric, flattened
+    for name, obj in METRICS.items():  # every metric, flattened (quantize's candidates as their own table)
         assert f"### metrics/{name}" in card
-        for key, _ in flatten(obj):
+        for key, _ in flatten({k: v for k, v in obj.items() if k != "candidates"}):
             assert f"| {key} |" in card, key
+    assert "quantized to **Q4_K_M**" in card and "| export.quant | auto |" in card
+    assert "## Quantization\n\nauto: Q4_K_M, the first of export.quant_candidates" in card
+    assert "| Q4_K_M | 0.8 | 5.10 | 0.910 | +1.50 | 0.874 | yes |" in card
     head = git("rev-parse", "HEAD", cwd=packaged).strip()
     assert f"git commit: `{head}`" in card and "uncommitted" not in card
     assert "fedcba9876543210fedcba9876543210.dir" in card and "aaaabbbbccccddddeeeeffff00001111" in card
@@ -128,7 +135,7 @@ def test_untranslatable_template_or_missing_gguf_is_a_clear_error(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     assert cli.main(["package"]) == 2
-    assert "models/gguf/model-q4_k_m.gguf: quantized GGUF not found" in capsys.readouterr().err
+    assert "models/gguf/model-quant.gguf: quantized GGUF not found" in capsys.readouterr().err
     assert not (tmp_path / "models" / "README.md").exists()
 
 

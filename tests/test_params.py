@@ -80,3 +80,23 @@ def test_cli_fails_loudly_when_a_command_module_does_not_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "lorapipe.serve", None)  # importing it now raises ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError):
         cli.build_parser()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"export": {"quant_candidates": ["q4_k_m", "auto"]}}, "export.quant_candidates: Value error, 'auto' is not a quantization type"),
+        ({"export": {"quant_candidates": ["q4_k_m", "Q4_K_M"]}}, "export.quant_candidates: Value error, a type is listed twice"),
+        ({"export": {"quant_candidates": []}}, "export.quant_candidates: List should have at least 1 item"),
+        ({"export": {"quant_candidate": ["q8_0"]}}, "unknown key 'export.quant_candidate' (did you mean 'quant_candidates'?)"),
+    ],
+)
+def test_quant_candidates_are_checked(raw, expected):
+    with pytest.raises(params.ParamsError) as err:
+        params.parse(raw)
+    assert expected in str(err.value)
+
+
+def test_quant_defaults_to_auto_over_the_candidates_smallest_first():
+    p = params.parse({})
+    assert p.export.quant == "auto" and p.export.quant_candidates == ["q4_k_m", "q5_k_m", "q6_k", "q8_0"]

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from lorapipe.core import gguf_meta
 
 pytestmark = pytest.mark.slow
 
@@ -164,10 +165,13 @@ OWNER = {
     "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
     "export.outtype": {"convert", "quantize", "evaluate"}, "export.name": {"convert"}, "export.description": {"convert"},
-    "export.quant": {"quantize", "evaluate", "package"}, "export.imatrix": {"quantize"}, "export.parity": {"quantize"},
+    "export.quant": {"quantize"}, "export.quant_candidates": {"quantize"}, "export.imatrix": {"quantize"},
+    "export.parity": {"quantize"},
     "export.threads": {"quantize"},
     "model.trust_remote_code": {"base", "train", "merge", "convert", "quantize", "evaluate"},
-    "evaluate": {"evaluate"}, "chat": {"package"}, "serve": {"package"}, "ui": set(), "package": {"package"},
+    "evaluate": {"evaluate"}, "evaluate.ctx": {"quantize", "evaluate"}, "evaluate.max_chunks": {"quantize", "evaluate"},
+    "evaluate.max_ppl_delta_pct": {"quantize", "evaluate"}, "evaluate.min_finetune_kept": {"quantize", "evaluate"},
+    "chat": {"package"}, "serve": {"package"}, "ui": set(), "package": {"package"},
 }
 
 
@@ -203,7 +207,10 @@ def test_quant_change_reruns_quantize_and_downstream_only(pipeline):
     set_param(pipeline, "export.quant", "q8_0")
     ran = repro(pipeline)
     assert "quantize" in ran and not {"base", "ingest", "clean", "train", "merge", "convert"} & set(ran)
-    assert (pipeline["root"] / "models/gguf/model-q8_0.gguf").is_file()
+    # the same path holds the new type; evaluate and package follow because the file changed
+    assert gguf_meta.file_type(pipeline["root"] / "models/gguf/model-quant.gguf") == "Q8_0"
+    assert {"evaluate", "package"} <= set(ran)
+    assert json.loads((pipeline["root"] / "metrics/quantize.json").read_text())["choice"].startswith("export.quant: Q8_0")
 
 
 def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):

@@ -53,7 +53,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     """base (dequantize, save), merge, convert, quantize (imatrix, llama-quantize, parity per prompt),
     evaluate (perplexity per variant and chunk, llama-bench runs, HF speed runs, samples)."""
     from test_evaluate import FAST, eval_rows, write_rows
-    from test_export import EVAL_ROWS, RANDOM_MODEL_PARITY
+    from test_export import CANDIDATES, DEFAULT_GATES, EVAL_ROWS, RANDOM_MODEL_PARITY
 
     from lorapipe import params as params_mod
     from lorapipe.core import paths
@@ -70,8 +70,9 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     merge(base, adapter, ws / paths.MERGED_DIR)
     shutil.copytree(base, ws / paths.BASE_DIR)
     convert(ws / paths.MERGED_DIR, ws / paths.gguf_path("f16"), "f16")
-    quantize(ws / paths.gguf_path("f16"), ws / paths.gguf_path("q4_k_m"), "q4_k_m", merged_dir=ws / paths.MERGED_DIR,
-             eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY, train_rows=EVAL_ROWS * 8)
+    quantize(ws / paths.gguf_path("f16"), ws / paths.QUANT_GGUF, "q4_k_m", merged_dir=ws / paths.MERGED_DIR,
+             base_dir=ws / paths.BASE_DIR, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES,
+             candidates=CANDIDATES, train_rows=EVAL_ROWS * 8)
     write_rows(ws / paths.EVAL_JSONL, eval_rows(24))
     monkeypatch.chdir(ws)
     evaluate.run(params_mod.parse({"evaluate": FAST, "export": {"outtype": "f16"}}))
@@ -93,11 +94,14 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
                  "quantize: parity, quantized logits"):
         counted(step, "prompt")
     counted("perplexity model-f16.gguf", "chunk")
-    counted("KL divergence model-q4_k_m.gguf", "chunk")
+    counted("KL divergence model-quant.gguf", "chunk")
+    counted("assistant tokens HF merged", "row")
+    counted("assistant tokens HF base", "row")
+    counted("assistant tokens model-quant.gguf", "row")
     counted("evaluate: perplexity HF merged", "batch")
     counted("evaluate: perplexity HF base", "batch")
     counted("speed (HF)", "run")
     counted("llama-bench model-f16.gguf", "run")
-    counted("llama-bench model-q4_k_m.gguf", "run")
+    counted("llama-bench model-quant.gguf", "run")
     counted("evaluate: samples (HF)", "prompt")
-    counted("evaluate: samples model-q4_k_m.gguf", "prompt")
+    counted("evaluate: samples model-quant.gguf", "prompt")

@@ -34,3 +34,17 @@ def test_gates_read_bf16_keys_and_the_recorded_logit_limit():
 def test_an_f16_run_without_the_new_keys_still_reads():
     ev = {"quant": "Q4_K_M", "ppl_f16": 3.1, "ppl_f16_vs_hf_pct": 0.0, "ppl_delta_pct": 2.0}
     assert run_report.variants(ev).loc["f16 (GGUF)", "ppl"] == 3.1
+
+
+def test_the_run_page_shows_every_quantization_candidate_and_the_choice():
+    run = bf16_run()
+    run["quantize"].update(choice="auto: Q8_0 is the first of export.quant_candidates (Q4_K_M, Q8_0) that passes every "
+                                  "gate; Q4_K_M failed",
+                           candidates=[{"type": "Q4_K_M", "size_mb": 240.0, "bits_per_weight": 5.2, "argmax_agreement": 0.8,
+                                        "ppl_delta_pct": -6.1, "finetune_kept": 0.69, "passed": False},
+                                       {"type": "Q8_0", "size_mb": 300.0, "bits_per_weight": 8.5, "argmax_agreement": 0.92,
+                                        "ppl_delta_pct": -1.1, "finetune_kept": 0.996, "passed": True}])
+    table = run_report.quant_candidates(run["quantize"])
+    assert list(table.index) == ["Q4_K_M", "Q8_0"]
+    assert list(table["passed"]) == ["FAIL", "pass"] and table.loc["Q8_0", "fine-tune kept"] == 0.996
+    assert run_report.quant_candidates({}).empty  # a quantize.json without candidates shows no table

@@ -1,7 +1,7 @@
 """`lorapipe chat`: talk to the pipeline's model in the terminal.
 
 Two backends over the pipeline's outputs:
-  gguf (default)  the quantized GGUF (models/gguf/model-<export.quant>.gguf) through llama.cpp, via
+  gguf (default)  the quantized GGUF (models/gguf/model-quant.gguf) through llama.cpp, via
                   llama-cpp-python's bindings over our pinned build. The prompt is the GGUF's own chat
                   template (metadata `tokenizer.chat_template`), rendered by llama-cpp-python's
                   Jinja2ChatFormatter: the same sandboxed jinja2 set-up transformers uses.
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: chat.backend)")
     parser.add_argument("--model", default=None,
                         help="a GGUF file (gguf backend) or an HF model folder (hf backend); default: "
-                             "models/gguf/model-<export.quant>.gguf or models/merged")
+                             "models/gguf/model-quant.gguf or models/merged")
     parser.add_argument("--system", default=None, help="system prompt (default: chat.system, else the template's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per reply (default: chat.max_new_tokens)")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: chat.temperature)")
@@ -297,7 +297,7 @@ def _settings(args, chat_params):
 
 def load_backend(backend: str, model: str | None, params, seed: int | None):
     if backend == "gguf":
-        path = model or paths.gguf_path(params.export.quant)
+        path = model or paths.QUANT_GGUF
         chat = params.chat
         return GGUFBackend(path, ctx=chat.ctx, threads=chat.threads, seed=seed), str(path)
     folder = model or paths.MERGED_DIR

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorapipe.core.hfmodel import DTYPES, OUTTYPES
+from lorapipe.core.hfmodel import DTYPES, OUTTYPES, QUANT_AUTO
 
 
 class ParamsError(ValueError):
@@ -196,12 +196,24 @@ class ParityParams(Section):
 class ExportParams(Section):
     # auto = bf16 for families that overflow fp16 (core/hfmodel.BF16_FAMILIES), f16 for the rest
     outtype: Literal[OUTTYPES] = "auto"
-    quant: str = "q4_k_m"
+    # a llama-quantize type (checked against the pinned build's list by stage quantize), or `auto`:
+    # the first of quant_candidates that passes every gate (stage quantize, core/retention.py)
+    quant: str = QUANT_AUTO
+    quant_candidates: list[str] = Field(["q4_k_m", "q5_k_m", "q6_k", "q8_0"], min_length=1)  # smallest first
     imatrix: bool = True
     threads: int = Field(2, gt=0)  # CPU threads of llama-imatrix, llama-quantize and the parity gate
     name: str = "lorapipe-model"
     description: str = "LoRA fine-tuned chat model built by lorapipe"
     parity: ParityParams = ParityParams()
+
+    @field_validator("quant_candidates")
+    @classmethod
+    def _candidates_are_types(cls, names: list[str]) -> list[str]:
+        if any(n.strip().lower() == QUANT_AUTO for n in names):
+            raise ValueError(f"'{QUANT_AUTO}' is not a quantization type; list types such as q4_k_m, q8_0")
+        if len({n.strip().lower() for n in names}) != len(names):
+            raise ValueError(f"a type is listed twice: {names}")
+        return names
 
 
 # -------------------------------------------------------------------------------------- evaluate

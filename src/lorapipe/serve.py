@@ -1,6 +1,6 @@
 """`lorapipe serve`: llama.cpp's llama-server on the quantized GGUF, OpenAI-compatible, on loopback.
 
-    lorapipe serve                      # models/gguf/model-<export.quant>.gguf on serve.host:serve.port
+    lorapipe serve                      # models/gguf/model-quant.gguf on serve.host:serve.port
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "hi"}]}'
 
@@ -25,7 +25,7 @@ HELP = "serve the quantized GGUF with llama.cpp's OpenAI-compatible server (/v1/
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="GGUF file (default: models/gguf/model-<export.quant>.gguf)")
+    parser.add_argument("--model", default=None, help="GGUF file (default: models/gguf/model-quant.gguf)")
     parser.add_argument("--host", default=None, help="address to listen on (default: serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8080)")
     parser.add_argument("--ctx", type=int, default=None, help="context window in tokens (default: serve.ctx)")
@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     ctx = args.ctx or sp.ctx
     if not 0 < port < 65536:
         raise LorapipeError(f"--port: {port} is not a TCP port (1-65535)")
-    model = check_gguf(args.model or paths.gguf_path(params.export.quant),
+    model = check_gguf(args.model or paths.QUANT_GGUF,
                        "pass --model, or build it with `dvc repro`")
     if not is_loopback(host):
         print(f"warning: serving on {host}, reachable from other machines; the server has no authentication",

@@ -46,7 +46,7 @@ ROLES = ("system", "user", "assistant")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="the model to chat with, right in compare (default: models/gguf/model-<export.quant>.gguf)")
+                        help="the model to chat with, right in compare (default: models/gguf/model-quant.gguf)")
     parser.add_argument("--compare", default=None,
                         help="left model of the compare view (default: ui.compare, else the base model's GGUF)")
     parser.add_argument("--host", default=None, help="address to listen on (default: ui.host, 127.0.0.1)")
@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else up.port
     if not 0 < port < 65536:
         raise LorapipeError(f"--port: {port} is not a TCP port (1-65535)")
-    model = check_gguf(args.model or paths.gguf_path(params.export.quant), "pass --model, or build it with `dvc repro`")
+    model = check_gguf(args.model or paths.QUANT_GGUF, "pass --model, or build it with `dvc repro`")
     left = args.compare or up.compare
     left = check_gguf(left if left else base_gguf(params), "pass --compare FILE.gguf")
     if not is_loopback(host):

@@ -52,3 +52,15 @@ def tensor_bytes(path_or_reader) -> int:
     r = reader(path_or_reader) if isinstance(path_or_reader, (str, Path)) else path_or_reader
     return int(sum(int(t.n_bytes) for t in r.tensors))
 
+
+
+def file_type(path_or_reader) -> str:
+    """The file's quantization type as llama-quantize names it (general.file_type): Q4_K_M, Q8_0, F16, ..."""
+    from gguf import LlamaFileType
+
+    r = reader(path_or_reader) if isinstance(path_or_reader, (str, Path)) else path_or_reader
+    field = r.fields.get("general.file_type")
+    if field is None:
+        raise LorapipeError(f"{path_or_reader}: no general.file_type in the GGUF metadata")
+    name = LlamaFileType(int(field.contents())).name
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")

@@ -75,6 +75,9 @@ OUTTYPES = ("auto", "f16", "bf16", "q8_0", "f32")
 # upstream ships them in bf16): `auto` converts these to bf16, everything else to f16. ggml casts
 # a matmul's activations to the weights' type, so f16 weights mean f16 activations (max 65504).
 BF16_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+# export.quant: a llama-quantize type, or this: try export.quant_candidates in order and keep the
+# first file that passes every gate (stage quantize).
+QUANT_AUTO = "auto"
 
 
 def resolve_outtype(outtype: str, model_dir: str | Path) -> str:

@@ -18,12 +18,15 @@ REPORTS_DIR = Path("reports")
 
 
 def gguf_path(kind: str) -> Path:
-    """models/gguf/model-<kind>.gguf, spelt as in params (f16, q4_k_m, ...).
+    """models/gguf/model-<kind>.gguf, the converted file, spelt as export.outtype (auto, f16, bf16, ...).
 
-    Spelt exactly as the param so that dvc.yaml can name the same file with `${export.quant}`
-    (DVC templating cannot change case); llama-quantize reads the type in any case."""
+    Spelt exactly as the param so that dvc.yaml can name the same file with `${export.outtype}`
+    (DVC templating cannot change case)."""
     return GGUF_DIR / f"model-{kind}.gguf"
 
+
+# stage quantize: the quantized file, one name whatever type export.quant chose
+QUANT_GGUF = GGUF_DIR / "model-quant.gguf"
 
 # stage package: small text files kept in git (dvc.yaml: cache: false)
 MODELFILE = GGUF_DIR / "Modelfile"

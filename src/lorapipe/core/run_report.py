@@ -20,8 +20,8 @@ LOSS_TSV = Path("dvclive/plots/metrics/train/loss.tsv")
 EVAL_LOSS_TSV = Path("dvclive/plots/metrics/eval/loss.tsv")
 EXP_SHOW_TIMEOUT_S = 60
 # Metrics shown per experiment (dvc exp show has dozens); the params shown are those that differ.
-EXP_METRICS = ("train_loss", "eval_loss", "ppl_hf_merged", "ppl_quant", "ppl_delta_pct", "kld_quant_vs_f16",
-               "kld_quant_vs_bf16", "size_quant_mb", "decode_tok_s_quant")
+EXP_METRICS = ("train_loss", "eval_loss", "ppl_hf_merged", "quant", "ppl_quant", "ppl_delta_pct", "kld_quant_vs_f16",
+               "kld_quant_vs_bf16", "finetune_kept", "size_quant_mb", "decode_tok_s_quant")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -107,6 +107,17 @@ def gates(m: dict, params) -> pd.DataFrame:
                          f">= {ep.min_finetune_kept}", ev["finetune_kept"] >= ep.min_finetune_kept))
     df = pd.DataFrame(rows, columns=["stage", "gate", "measured", "threshold", "passed"])
     df["passed"] = df["passed"].map({True: "pass", False: "FAIL"})
+    return df
+
+
+def quant_candidates(quantize: dict) -> pd.DataFrame:
+    """Every quantization type stage quantize tried (metrics/quantize.json `candidates`), in order."""
+    cols = {"type": "type", "size_mb": "MB", "bits_per_weight": "bits/weight", "argmax_agreement": "argmax agreement",
+            "ppl_delta_pct": "ppl change %", "finetune_kept": "fine-tune kept", "passed": "passed"}
+    df = pd.DataFrame([{label: c.get(key) for key, label in cols.items()} for c in quantize.get("candidates") or []])
+    if not df.empty:
+        df["passed"] = df["passed"].map({True: "pass", False: "FAIL"})
+        df = df.set_index("type")
     return df
 
 
@@ -231,6 +242,10 @@ def render(root: Path, params, dvc: str = "dvc") -> str:
     parts.append(svg or "<p>No dvclive loss curve (dvclive/plots/metrics/train/loss.tsv) yet.</p>")
     if m["eval"]:
         parts.append(_table(variants(m["eval"]), "Variants (evaluate, same eval token stream)"))
+    q = m["quantize"] or {}
+    candidates = quant_candidates(q)
+    if not candidates.empty:
+        parts.append(_table(candidates, "Quantization candidates (quantize)") + f"<p>{html.escape(q.get('choice', ''))}</p>")
     g = gates(m, params)
     if not g.empty:
         parts.append(_table(g.set_index(["stage", "gate"]), "Gates"))

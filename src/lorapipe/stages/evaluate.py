@@ -2,12 +2,14 @@
 answers a person can read.
 
 Variants: the HF base model (models/base), the HF merged model (models/merged), the converted GGUF
-(export.outtype, normally F16) and the quantized GGUF (export.quant). All perplexities are on one
-token stream, the eval split rendered with the chat template (core/perplexity.py says exactly how,
-and how the HF side reproduces llama-perplexity's scoring). Two gates fail the stage:
+(export.outtype, normally F16) and the quantized GGUF (models/gguf/model-quant.gguf, whatever type
+stage quantize chose; its type is read from the file). All perplexities are on one token stream,
+the eval split rendered with the chat template (core/perplexity.py says exactly how, and how the HF
+side reproduces llama-perplexity's scoring). Gates that fail the stage:
 
 * |ppl F16 GGUF - ppl HF merged| > evaluate.max_ppl_f16_vs_hf_pct %: the conversion is wrong;
-* ppl quantized vs F16 > +evaluate.max_ppl_delta_pct %: quantization costs too much.
+* the quantized file's gates of core/retention.py (perplexity change either way, finetune_kept),
+  the very ones stage quantize chose the type with.
 
 Outputs: metrics/eval.json (flat numbers for `dvc metrics diff`), plots/variants.json (one row per
 variant for `dvc plots`), reports/samples.md. A failed gate writes none of them.
@@ -18,12 +20,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lorapipe.core import assistant_scores, hfmodel, inference_speed, parity, paths
+from lorapipe.core import gguf_meta, hfmodel, inference_speed, parity, paths, retention
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
 from lorapipe.core.io import write_json, write_text
 from lorapipe.core.log import info, progress
+from lorapipe.core.retention import pct
 
 METRICS = paths.METRICS_DIR / "eval.json"
 PLOT = paths.PLOTS_DIR / "variants.json"
@@ -115,41 +118,6 @@ def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool
 
 
 # ------------------------------------------------------------------------------------- evaluate
-def pct(a: float, b: float) -> float:
-    """(a - b) / b in percent."""
-    return (a - b) / b * 100.0
-
-
-def quantization_gates(ep, *, quant_gguf: Path, ref_gguf: Path, ppl_ref: float, ppl_quant: float, kld_full: float,
-                       scores: dict[str, assistant_scores.Scores], kept: float | None) -> list[str]:
-    """What is wrong with the quantized file, each failure naming the cause and what to change."""
-    failures = []
-    delta = pct(ppl_quant, ppl_ref)
-    loss = ", ".join(f"{k} {v.loss:.4f}" for k, v in scores.items())
-    if delta > ep.max_ppl_delta_pct:
-        failures.append(
-            f"{quant_gguf}: quantization costs too much: perplexity {ppl_quant:.4f} vs {ppl_ref:.4f} for {ref_gguf.name} "
-            f"is {delta:+.2f} % (limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} %), KLD {kld_full:.4f}. "
-            "Use export.imatrix: true or a finer type (export.quant: q5_k_m, q6_k or q8_0).")
-    if delta < -ep.max_ppl_delta_pct:
-        failures.append(
-            f"{quant_gguf}: perplexity {ppl_quant:.4f} is {-delta:.2f} % *below* its own unquantized file's ({ppl_ref:.4f}, "
-            f"{ref_gguf.name}; limit evaluate.max_ppl_delta_pct = {ep.max_ppl_delta_pct} % either way). Quantization "
-            "does not make a model better: the quantized file predicts like another model, most likely the base "
-            f"(finetune_kept {'n/a' if kept is None else f'{kept:.2f}'}; assistant-token loss: {loss}).")
-    if kept is not None and kept < ep.min_finetune_kept:
-        failures.append(
-            f"{quant_gguf}: the quantized model lost the fine-tune: it kept {kept:.0%} of it (limit "
-            f"evaluate.min_finetune_kept = {ep.min_finetune_kept:.0%}): on the eval assistant tokens its predictions are "
-            f"{scores['quant'].kld:.4f} (KLD) away from the fine-tuned model's, the base model's {scores['hf_base'].kld:.4f}. "
-            f"Assistant-token loss: {loss}. Quantizing rounds the merged weights onto the {quant_gguf.stem[6:]} grid; "
-            "a base that came from a quantized GGUF already sits on such a grid, and a LoRA update smaller than half "
-            "a step is rounded back to the base. Remedies: a finer type (export.quant: q6_k or q8_0), a "
-            "full-precision base (model.source: an HF folder or hub id rather than a quantized .gguf), or a "
-            "stronger fine-tune (train.max_steps, train.lr, lora.rank).")
-    return failures
-
-
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
              quant_name: str, ref_name: str = "f16", trust_remote_code: bool = False) -> tuple[dict, list[dict], str]:
     """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails."""
@@ -164,68 +132,56 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
 
     with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
-        text_file, logits_file = Path(work) / "eval.txt", Path(work) / f"{ref_label}.logits"
-        text = ppl.render_text(rows, tokenizer, eval_jsonl)
-        text_file.write_text(text, encoding="utf-8")
-        stream = ppl.check_same_ids(tokenizer, ppl.hf_text_ids(tokenizer, text), ppl.llama_text_ids(ref_gguf, text_file),
-                                    ref_gguf)
-        plan = ppl.plan_chunks(len(stream.ids), ep.ctx, ep.max_chunks, eval_jsonl)
+        # the quantized file's figures and gates are core/retention.py's, exactly as stage quantize measured them
+        ref = retention.Reference(rows, tokenizer, eval_jsonl, ref_gguf, Path(work), ctx=ep.ctx,
+                                  max_chunks=ep.max_chunks, threads=ep.threads)
+        stream, plan, ppl_ref = ref.stream, ref.plan, ref.ppl_ref
         if plan.shrunk:
             info(f"evaluate: {eval_jsonl} is only {len(stream.ids)} tokens (< 2 x evaluate.ctx = {2 * ep.ctx}); "
                  f"using ctx {plan.ctx} (metrics: ctx_used)")
         info(f"evaluate: perplexity over {plan.n_chunks} chunks of {plan.ctx} tokens ({plan.scored} scored)")
-        ppl_ref = ppl.gguf_perplexity(ref_gguf, text_file, plan, ep.threads, logits_file)
-        kld = ppl.gguf_kl_divergence(quant_gguf, logits_file, plan, ep.threads)
 
-    # Assistant tokens only, the same ids for every variant; the merged model is the reference.
-    # Rows are cut at least at 512 tokens: a short perplexity ctx must not cut every answer away.
-    cutoff = max(ep.ctx, 512)
-    examples = assistant_scores.examples(rows, tokenizer, cutoff, plan.scored)
-    if not examples:
-        raise LorapipeError(f"{eval_jsonl}: no assistant token within the first {cutoff} tokens of any row")
-    n_assistant = sum(len(assistant_scores.positions(e)[0]) for e in examples)
-    reference: list = []
+        info("evaluate: HF merged model")
+        merged = load_hf(merged_dir, trust_remote_code)
+        ppl_merged = ppl.hf_perplexity(merged, stream, plan, desc="evaluate: perplexity HF merged")
+        ref_vs_hf = pct(ppl_ref, ppl_merged)
+        if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
+            raise LorapipeError(
+                f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
+                f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
+                f"{plan.scored} tokens: the converted file computes another model. Check the quantize parity metrics "
+                "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
+                "bf16 or auto; then rerun `lorapipe convert`.")
+        info(f"evaluate: assistant-token loss and KLD on {ref.n_assistant} tokens of {len(ref.examples)} rows")
+        ref.add_hf("hf_merged", merged)
 
-    info("evaluate: HF merged model")
-    merged = load_hf(merged_dir, trust_remote_code)
-    ppl_merged = ppl.hf_perplexity(merged, stream, plan, desc="evaluate: perplexity HF merged")
-    ref_vs_hf = pct(ppl_ref, ppl_merged)
-    if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
-        raise LorapipeError(
-            f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
-            f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
-            f"{plan.scored} tokens: the converted file computes another model. Check the quantize parity metrics "
-            "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
-            "bf16 or auto; then rerun `lorapipe convert`.")
-    info(f"evaluate: assistant-token loss and KLD on {n_assistant} tokens of {len(examples)} rows")
-    scores = {"hf_merged": assistant_scores.score(assistant_scores.hf_logits(merged, examples, "evaluate: assistant tokens HF merged"), examples, keep=reference)}
+        info("evaluate: HF merged model speed and samples")
+        speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
+        hf_speed = inference_speed.hf_speed(merged, speed_prompt, gen_tokens=ep.speed_gen_tokens)
+        answers = {"merged (HF)": hf_answers(merged, tokenizer, ep.prompts, ep.max_new_tokens)}
+        del merged
 
-    info("evaluate: HF merged model speed and samples")
-    speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
-    hf_speed = inference_speed.hf_speed(merged, speed_prompt, gen_tokens=ep.speed_gen_tokens)
-    answers = {"merged (HF)": hf_answers(merged, tokenizer, ep.prompts, ep.max_new_tokens)}
-    del merged
+        info("evaluate: HF base model")
+        base = load_hf(base_dir, trust_remote_code)
+        ppl_base = ppl.hf_perplexity(base, stream, plan, desc="evaluate: perplexity HF base")
+        ref.add_hf("hf_base", base)
+        answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
+        del base
 
-    info("evaluate: HF base model")
-    base = load_hf(base_dir, trust_remote_code)
-    ppl_base = ppl.hf_perplexity(base, stream, plan, desc="evaluate: perplexity HF base")
-    scores["hf_base"] = assistant_scores.score(assistant_scores.hf_logits(base, examples, "evaluate: assistant tokens HF base"), examples, reference)
-    answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
-    del base
-
-    for key, path in ((ref_label, ref_gguf), ("quant", quant_gguf)):
-        scores[key] = assistant_scores.score(assistant_scores.gguf_logits(path, examples, ep.threads, f"evaluate: assistant tokens {path.name}"), examples, reference)
-    # A fine-tune that hardly moved the model leaves nothing to lose: the ratio would be noise.
-    kept = (assistant_scores.finetune_kept(scores["quant"].kld, scores["hf_base"].kld)
-            if scores["hf_base"].kld >= assistant_scores.MIN_FINETUNE_KLD else None)
+        ref.add_gguf(ref_label, ref_gguf)
+        quant = ref.measure(quant_gguf)
+    scores = {**ref.scores, "quant": quant.assistant}
+    kept = quant.finetune_kept
     if kept is None:
-        info(f"evaluate: warning: the fine-tune moved the model by only {scores['hf_base'].kld:.5f} (KLD from the base "
+        info(f"evaluate: warning: the fine-tune moved the model by only {ref.kld_base:.5f} (KLD from the base "
              "on assistant tokens); finetune_kept is not measured")
-    failures = quantization_gates(ep, quant_gguf=quant_gguf, ref_gguf=ref_gguf, ppl_ref=ppl_ref, ppl_quant=kld.ppl,
-                                  kld_full=kld.kld, scores=scores, kept=kept)
+    failures = retention.gate_failures(retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), quant,
+                                       quant_gguf=quant_gguf, quant_type=quant_name, ref_gguf=ref_gguf, ppl_ref=ppl_ref,
+                                       scores=ref.scores)
     if failures:
-        raise LorapipeError("evaluate: quantization gate failed (nothing was written):\n" + "\n".join(failures))
-    delta = pct(kld.ppl, ppl_ref)
+        raise LorapipeError("evaluate: quantization gate failed (nothing was written):\n" + "\n".join(failures)
+                            + "\n" + retention.REMEDIES)
+    n_assistant = ref.n_assistant
 
     info(f"evaluate: {quant_label} samples and GGUF speed (llama-bench)")
     answers[f"{quant_label} (GGUF)"] = gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)
@@ -241,22 +197,22 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         "ctx_used": plan.ctx,
         "chunks": plan.n_chunks,
         "scored_tokens": plan.scored,
-        "quant": quant_name,
+        "quant": quant_label,
         "unquantized": ref_label,  # the suffix of the converted file's keys below (f16 or bf16)
         "ppl_hf_base": ppl_base,
         "ppl_hf_merged": ppl_merged,
         f"ppl_{ref_label}": ppl_ref,
-        "ppl_quant": kld.ppl,
+        "ppl_quant": quant.ppl,
         f"ppl_{ref_label}_vs_hf_pct": ref_vs_hf,
-        "ppl_delta_pct": delta,
+        "ppl_delta_pct": quant.ppl_delta_pct,
         "ppl_merged_vs_base_pct": pct(ppl_merged, ppl_base),
         "assistant_tokens": n_assistant,
         **{f"loss_assistant_{k}": v.loss for k, v in scores.items()},
         **{f"kld_assistant_{k}_vs_merged": v.kld for k, v in scores.items() if v.kld is not None},
         "finetune_kept": kept,
-        f"kld_quant_vs_{ref_label}": kld.kld,
-        "same_top_token_pct": kld.same_top_pct,
-        "rms_dp_pct": kld.rms_dp_pct,
+        f"kld_quant_vs_{ref_label}": quant.kld,
+        "same_top_token_pct": quant.same_top_pct,
+        "rms_dp_pct": quant.rms_dp_pct,
         "size_hf_merged_mb": hf_weights_mb(merged_dir),
         f"size_{ref_label}_mb": size_ref,
         "size_quant_mb": size_quant,
@@ -279,7 +235,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
          "size_mb": metrics["size_hf_merged_mb"], "decode_tok_s": hf_speed["decode_tok_s"]},
         {"variant": f"{ref_label} (GGUF)", "ppl": ppl_ref, "ppl_assistant": scores[ref_label].ppl, "size_mb": size_ref,
          "decode_tok_s": speed[ref_label]["decode_tok_s"]},
-        {"variant": f"{quant_label} (GGUF)", "ppl": kld.ppl, "ppl_assistant": scores["quant"].ppl, "size_mb": size_quant,
+        {"variant": f"{quant_label} (GGUF)", "ppl": quant.ppl, "ppl_assistant": scores["quant"].ppl, "size_mb": size_quant,
          "decode_tok_s": speed[quant_label]["decode_tok_s"]},
     ]
     return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
@@ -288,9 +244,11 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 def run(params) -> dict:
     ex = params.export
     ref_type = hfmodel.resolve_outtype(ex.outtype, paths.MERGED_DIR)  # the label of the converted file's figures
+    check_gguf(paths.QUANT_GGUF, "it is made by stage quantize (`lorapipe quantize`)")
     metrics, variants, samples = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
-        ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.gguf_path(ex.quant), quant_name=ex.quant,
+        ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
+        quant_name=gguf_meta.file_type(paths.QUANT_GGUF),
         ref_name=ref_type, trust_remote_code=params.model.trust_remote_code)
     write_json(METRICS, metrics)
     write_json(PLOT, variants)

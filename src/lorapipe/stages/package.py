@@ -193,7 +193,7 @@ def lock_outs(lock: dict) -> list[tuple[str, str, str, int | None]]:
 def recorded_params(lock: dict, params) -> tuple[dict, bool]:
     """The params the upstream stages ran with, as dvc.lock recorded them ({'train': {...}, 'data.sources':
     [...], ...}), and whether they came from there. Reading them from dvc.lock rather than params.yaml
-    describes the artifacts as built (and keeps this stage's own params to package/chat/export.quant).
+    describes the artifacts as built (and keeps this stage's own params to package/chat/serve).
     Without a dvc.lock (`lorapipe package` run by hand) the current params stand in, and the card says so."""
     found: dict = {}
     for entry in (lock.get("stages") or {}).values():
@@ -241,6 +241,22 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     return lines
 
 
+def quantization_section(quantize: dict) -> list[str]:
+    """Every quantization type stage quantize tried, with its figures, and why it kept the one it kept."""
+    candidates = quantize.get("candidates") or []
+    if not candidates:
+        return []
+    rows = [(c.get("type"), _num(c.get("size_mb"), ".1f"), _num(c.get("bits_per_weight"), ".2f"),
+             _num(c.get("argmax_agreement"), ".3f"), _num(c.get("ppl_delta_pct"), "+.2f"),
+             _num(c.get("finetune_kept"), ".3f"), "yes" if c.get("passed") else "no") for c in candidates]
+    return ["", "## Quantization", "", quantize.get("choice", ""), "",
+            *_table(("type", "MB", "bits/weight", "argmax agreement", "ppl change %", "fine-tune kept", "passed"), rows)]
+
+
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str, dict], lock: dict,
                commit: str, changed: list[str] | None, ollama_name: str) -> str:
     rec, from_lock = recorded_params(lock, params)
@@ -251,7 +267,7 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
     preset = PRESETS.get(model.get("preset") or "")
     if base == "embedded" and preset:
         base = f"{preset.hub_id} (embedded copy)"
-    quant = params.export.quant
+    quant = gguf_meta.file_type(gguf)  # the type quantize chose (export.quant may say `auto`)
     L = ["---", f"base_model: {json.dumps(base, ensure_ascii=False)}", "tags: [lorapipe, lora, gguf, chat]",
          f"license: {json.dumps(params.package.license or 'unknown')}", "---", "",
          f"# {name}", "", *([description, ""] if description else []),
@@ -285,8 +301,9 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
         rows += [(f"{section}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else []
     if _get(rec, "export.outtype") is not None:
         rows.append(("export.outtype", _get(rec, "export.outtype")))
-    rows.append(("export.quant", quant))
+    rows.append(("export.quant", _get(rec, "export.quant", params.export.quant)))
     L += _table(("param", "value"), rows)
+    L += quantization_section(metrics.get("quantize.json", {}))
     parity = metrics.get("quantize.json", {}).get("parity", {})
     evaluation = metrics.get("eval.json", {})
     if parity or evaluation:
@@ -306,7 +323,8 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
     if not metrics:
         L += ["(no metrics/*.json found)", ""]
     for fname, obj in metrics.items():
-        L += [f"### metrics/{fname}", ""] + _table(("metric", "value"), flatten(obj)) + [""]
+        shown = {k: v for k, v in obj.items() if k != "candidates"} if isinstance(obj, dict) else obj  # table above
+        L += [f"### metrics/{fname}", ""] + _table(("metric", "value"), flatten(shown)) + [""]
     L += ["## Provenance", ""]
     state = ""
     if changed:
@@ -333,10 +351,9 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
 
 
 def run(params) -> dict:
-    gguf = paths.gguf_path(params.export.quant)
+    gguf = paths.QUANT_GGUF
     if not gguf.is_file():
-        raise LorapipeError(f"{gguf}: quantized GGUF not found (export.quant = {params.export.quant}); "
-                            "run `lorapipe quantize` first")
+        raise LorapipeError(f"{gguf}: quantized GGUF not found; run `lorapipe quantize` first")
     meta = gguf_meta.metadata(gguf)
     chat_template = meta.get("tokenizer.chat_template")
     if not chat_template:

@@ -1,15 +1,22 @@
-"""Stage `quantize`: models/gguf/model-<outtype>.gguf -> models/gguf/model-<quant>.gguf, plus the
-HF <-> GGUF parity gate and metrics/quantize.json.
+"""Stage `quantize`: models/gguf/model-<outtype>.gguf -> models/gguf/model-quant.gguf, the type
+chosen by what it keeps, plus metrics/quantize.json and plots/quant_candidates.json.
 
 Quantization is llama.cpp's own `llama-quantize` (K-quants exist only there; gguf-py implements
 none). The valid type names are read from llama-quantize's help, so any type the pinned build
 accepts works and a typo gets the real list. With `export.imatrix: true` an importance matrix is
-computed first with `llama-imatrix` over the train split rendered with the chat template.
+computed once, with `llama-imatrix` over the train split rendered with the chat template, and used
+for every candidate.
 
-The parity gate (core/parity.py) runs before the quantized file is renamed into place: a failed
-gate, like an interrupted run, leaves nothing at the output path. It lives here rather than in
-convert because it needs the eval split and the HF model besides the converted file, and its
-thresholds (export.parity) then rerun only this stage and what follows.
+Gates, in order:
+1. the converted file against the HF merged model (core/parity.py: tokens, template, stop tokens,
+   greedy stop, logits); a failure here is a conversion defect and ends the stage;
+2. per candidate type (export.quant_candidates for `export.quant: auto`, else export.quant alone):
+   argmax agreement with the converted file, perplexity change and fine-tune kept on the eval split
+   (core/retention.py, the same measure stage evaluate reports). The first candidate that passes is
+   kept; the table of every candidate tried goes to the metrics.
+
+The output path is one fixed name whatever the type (chat, serve, ui and package need not know it;
+DVC outs stay static). A failed gate, like an interrupted run, leaves nothing at the output path.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths
+from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths, retention
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
 from lorapipe.core.llamacpp_run import imatrix_progress, run_tool, tensor_progress, tool_error
 from lorapipe.core.log import info
 
 METRICS = paths.METRICS_DIR / "quantize.json"
+PLOT = paths.PLOTS_DIR / "quant_candidates.json"
+MB = 1_000_000
 IMATRIX_CTX = 128  # short chunks: the train split of a small fine-tune is short, and tiny test models too
 IMATRIX_MAX_CHUNKS = 100  # ~13k tokens: enough for a small model's activations
 
@@ -45,12 +54,12 @@ def valid_types() -> tuple[str, ...]:
     return tuple(names)
 
 
-def check_type(quant: str) -> str:
-    """The canonical (upper-case) type name, or an error listing every valid one."""
+def check_type(quant: str, param: str = "export.quant") -> str:
+    """The canonical (upper-case) type name, or an error naming `param` and listing every valid type."""
     names = valid_types()
     canonical = quant.strip().upper()
     if canonical not in names or canonical == "COPY":
-        raise LorapipeError(f"export.quant: unknown quantization type {quant!r}; llama-quantize accepts: "
+        raise LorapipeError(f"{param}: unknown quantization type {quant!r}; llama-quantize accepts: "
                             f"{', '.join(n for n in names if n != 'COPY')}")
     return canonical
 
@@ -105,55 +114,143 @@ def size_metrics(ref_gguf: Path, quant_gguf: Path) -> dict:
     }
 
 
-def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_dir: str | Path,
-             eval_rows: list[dict], parity_params, train_rows: list[dict] | None = None,
-             trust_remote_code: bool = False, threads: int = 2) -> dict:
-    """Quantize, run the parity gate, then move the file into place; return the metrics."""
+def candidate_types(quant: str, candidates: list[str]) -> list[str]:
+    """The types to try, in order: export.quant_candidates for `auto`, else export.quant alone."""
+    if quant.strip().lower() == hfmodel.QUANT_AUTO:
+        return list(dict.fromkeys(check_type(n, "export.quant_candidates") for n in candidates))
+    return [check_type(quant)]
+
+
+def candidate_row(quant_type: str, sizes: dict, argmax: float, figures: retention.Figures, failures: list[str]) -> dict:
+    """One row of metrics/quantize.json's candidate table."""
+    return {"type": quant_type, "size_mb": sizes["size_bytes"] / MB, "bits_per_weight": sizes["bits_per_weight"],
+            "argmax_agreement": argmax, "ppl_delta_pct": figures.ppl_delta_pct, "kld": figures.kld,
+            "kld_assistant_vs_merged": figures.assistant.kld, "finetune_kept": figures.finetune_kept,
+            "passed": not failures, "failures": failures}
+
+
+def table_text(rows: list[dict]) -> str:
+    """The candidate table as aligned text, for the log and for the error when none passes."""
+    lines = [f"  {'type':8} {'MB':>8} {'bpw':>6} {'argmax':>7} {'ppl %':>7} {'kept':>6}  passed"]
+    for r in rows:
+        kept = "n/a" if r["finetune_kept"] is None else f"{r['finetune_kept']:.3f}"
+        lines.append(f"  {r['type']:8} {r['size_mb']:8.1f} {r['bits_per_weight']:6.2f} {r['argmax_agreement']:7.3f} "
+                     f"{r['ppl_delta_pct']:+7.2f} {kept:>6}  {'yes' if r['passed'] else 'no'}")
+    return "\n".join(lines)
+
+
+def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_dir: str | Path, base_dir: str | Path,
+             eval_rows: list[dict], parity_params, gates: retention.Gates, candidates: list[str],
+             ctx: int = 256, max_chunks: int = 16, eval_jsonl: Path = paths.EVAL_JSONL,
+             train_rows: list[dict] | None = None, trust_remote_code: bool = False, threads: int = 2) -> dict:
+    """Quantize to each candidate type in turn, keep the first that passes every gate at `out_path`,
+    and return the metrics with the whole candidate table. A failed gate on the converted file, or
+    no candidate passing, raises and leaves nothing at `out_path`."""
     ref_gguf, out_path = Path(ref_gguf), Path(out_path)
-    quant = check_type(quant)
+    types = candidate_types(quant, candidates)
     gguf_meta.reader(ref_gguf)  # clear error for a missing or unreadable input before any work
     conversations = parity.eval_conversations(eval_rows, parity_params.n_prompts)
     if not conversations:
-        raise LorapipeError(f"{paths.EVAL_JSONL}: no row with a user turn before an assistant turn to check parity on")
+        raise LorapipeError(f"{eval_jsonl}: no row with a user turn before an assistant turn to check parity on")
 
     with tempfile.TemporaryDirectory(prefix="lorapipe-quantize-") as work, atomic_path(out_path) as tmp:
+        work = Path(work)
+        info(f"quantize: parity gate of {ref_gguf} on {len(conversations)} eval prompts")
+        ref_report, prompt_ids = parity.check_f16(merged_dir, ref_gguf, conversations, parity_params,
+                                                  trust_remote_code=trust_remote_code, threads=threads)
+        for warning in ref_report.warnings:
+            info(f"quantize: warning: {warning}")
+        if ref_report.failures:
+            raise LorapipeError(f"parity gate failed for {ref_gguf} (nothing was written to {out_path}):\n"
+                                + "\n".join(ref_report.failures))
+
         imatrix = None
         if train_rows is not None:
             text = calibration_text(train_rows, hfmodel.load_tokenizer(merged_dir, trust_remote_code))
-            imatrix = compute_imatrix(ref_gguf, text, Path(work) / "imatrix.gguf", threads)
-        info(f"quantize: {ref_gguf} -> {out_path} ({quant}{', imatrix' if imatrix else ''})")
-        quantize_file(ref_gguf, tmp, quant, imatrix=imatrix, threads=threads)
+            imatrix = compute_imatrix(ref_gguf, text, work / "imatrix.gguf", threads)
 
-        info(f"quantize: parity gate on {len(conversations)} eval prompts")
-        ref_report, prompt_ids = parity.check_f16(merged_dir, ref_gguf, conversations, parity_params,
-                                                  trust_remote_code=trust_remote_code, threads=threads)
-        quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads)
-        failures = ref_report.failures + quant_report.failures
-        for warning in ref_report.warnings:
-            info(f"quantize: warning: {warning}")
-        metrics = {"quant": quant, "imatrix": imatrix is not None, **size_metrics(ref_gguf, tmp),
-                   "parity": {**ref_report.figures, **quant_report.figures, "passed": not failures}}
-        if failures:
-            raise LorapipeError(f"parity gate failed for {ref_gguf} / {out_path} (nothing was written):\n" + "\n".join(failures))
+        info(f"quantize: reference figures of {ref_gguf}, HF merged and HF base on {eval_jsonl}")
+        reference = reference_scores(eval_rows, ref_gguf, work, merged_dir=merged_dir, base_dir=base_dir,
+                                     eval_jsonl=eval_jsonl, ctx=ctx, max_chunks=max_chunks, threads=threads,
+                                     trust_remote_code=trust_remote_code)
+        rows, chosen = [], None
+        for quant_type in types:
+            info(f"quantize: {ref_gguf} -> {quant_type}{' with imatrix' if imatrix else ''}"
+                 f"{f' (candidate {len(rows) + 1} of {len(types)})' if len(types) > 1 else ''}")
+            quantize_file(ref_gguf, tmp, quant_type, imatrix=imatrix, threads=threads)
+            quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads)
+            figures = reference.measure(tmp)
+            failures = quant_report.failures + retention.gate_failures(
+                gates, figures, quant_gguf=out_path, quant_type=quant_type, ref_gguf=ref_gguf,
+                ppl_ref=reference.ppl_ref, scores=reference.scores)
+            sizes = size_metrics(ref_gguf, tmp)
+            rows.append(candidate_row(quant_type, sizes, quant_report.figures["quant_argmax_agreement"], figures, failures))
+            if not failures:
+                chosen = (quant_type, sizes, quant_report)
+                break
+            info(f"quantize: {quant_type} fails: " + " | ".join(failures))
+        info("quantize: candidates\n" + table_text(rows))
+        if chosen is None:
+            raise LorapipeError(
+                f"quantize: no candidate type passes every gate (nothing was written to {out_path}):\n"
+                + table_text(rows) + "\n" + "\n".join(f for r in rows for f in r["failures"]) + "\n" + retention.REMEDIES)
+        quant_type, sizes, quant_report = chosen
+        metrics = {"quant": quant_type, "choice": choice_reason(quant, types, quant_type), "imatrix": imatrix is not None,
+                   **sizes, "parity": {**ref_report.figures, **quant_report.figures, "passed": True},
+                   "ppl_unquantized": reference.ppl_ref, "kld_assistant_base_vs_merged": reference.kld_base,
+                   "candidates": rows}
     return metrics
 
 
+def reference_scores(eval_rows: list[dict], ref_gguf: Path, work: Path, *, merged_dir, base_dir, eval_jsonl: Path, ctx: int,
+                     max_chunks: int, threads: int, trust_remote_code: bool) -> retention.Reference:
+    import torch
+
+    torch.set_num_threads(threads)
+    tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
+    reference = retention.Reference(eval_rows, tokenizer, eval_jsonl, ref_gguf, work, ctx=ctx, max_chunks=max_chunks,
+                                    threads=threads)
+    for key, folder in (("hf_merged", merged_dir), ("hf_base", base_dir)):
+        model = hfmodel.load_causal_lm(folder, trust_remote_code, dtype=torch.float32).eval()
+        reference.add_hf(key, model)
+        del model
+    return reference
+
+
+def choice_reason(quant: str, types: list[str], chosen: str) -> str:
+    if quant.strip().lower() != hfmodel.QUANT_AUTO:
+        return f"export.quant: {chosen} (fixed type; it passes every gate)"
+    if chosen == types[0]:
+        return f"auto: {chosen}, the first of export.quant_candidates ({', '.join(types)}), passes every gate"
+    failed = types[: types.index(chosen)]
+    return (f"auto: {chosen} is the first of export.quant_candidates ({', '.join(types)}) that passes every gate; "
+            f"{', '.join(failed)} failed")
+
+
+def candidate_plot(metrics: dict) -> list[dict]:
+    """plots/quant_candidates.json: size against fine-tune kept, one point per candidate tried."""
+    return [{"type": r["type"], "size_mb": r["size_mb"], "finetune_kept": r["finetune_kept"],
+             "ppl_delta_pct": r["ppl_delta_pct"], "passed": r["passed"]} for r in metrics["candidates"]]
+
+
 def run(params) -> dict:
-    ex = params.export
+    ex, ep = params.export, params.evaluate
     ref = paths.gguf_path(ex.outtype)  # the converted file (convert's output)
     if not ref.is_file():
         raise LorapipeError(f"{ref}: not found; run `lorapipe convert` first")
     if not paths.EVAL_JSONL.is_file():
-        raise LorapipeError(f"{paths.EVAL_JSONL}: not found; the parity gate needs the eval split (run `lorapipe clean`)")
-    out = paths.gguf_path(ex.quant)
-    if out == ref:
-        raise LorapipeError(f"export.quant: {ex.quant} would overwrite the converted file {ref} (export.outtype {ex.outtype})")
+        raise LorapipeError(f"{paths.EVAL_JSONL}: not found; the gates need the eval split (run `lorapipe clean`)")
+    hfmodel.check_folder(paths.BASE_DIR, "the base model (made by stage base: `lorapipe base`)")
     train_rows = read_jsonl(paths.TRAIN_JSONL) if ex.imatrix else None
-    metrics = quantize(ref, out, ex.quant, merged_dir=paths.MERGED_DIR,
-                       eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity, train_rows=train_rows,
-                       trust_remote_code=params.model.trust_remote_code, threads=ex.threads)
+    metrics = quantize(ref, paths.QUANT_GGUF, ex.quant, candidates=ex.quant_candidates, merged_dir=paths.MERGED_DIR,
+                       base_dir=paths.BASE_DIR, eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity,
+                       gates=retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), ctx=ep.ctx,
+                       max_chunks=ep.max_chunks, train_rows=train_rows, trust_remote_code=params.model.trust_remote_code,
+                       threads=ex.threads)
     write_json(METRICS, metrics)
-    p = metrics["parity"]
-    return {"quant": metrics["quant"], "size_ratio": metrics["size_ratio"], "bpw": metrics["bits_per_weight"],
-            "f16_max_dlogit": p["f16_max_abs_logit_diff"], "quant_argmax": p["quant_argmax_agreement"],
-            "stop": p["stop_fraction"], "stops_on_its_own": p["stops_on_its_own"]}
+    write_json(PLOT, candidate_plot(metrics))
+    p, chosen = metrics["parity"], metrics["candidates"][-1]
+    return {"quant": metrics["quant"], "tried": len(metrics["candidates"]), "size_ratio": metrics["size_ratio"],
+            "bpw": metrics["bits_per_weight"], "finetune_kept": chosen["finetune_kept"],
+            "ppl_delta_pct": chosen["ppl_delta_pct"], "quant_argmax": p["quant_argmax_agreement"],
+            "stops_on_its_own": p["stops_on_its_own"]}

@@ -1,0 +1,152 @@
+"""What a quantized GGUF keeps, and the gates on it: one measure for stage quantize (which scores
+every candidate type with it and keeps the first that passes) and stage evaluate (which scores the
+kept file with it again, beside the other variants).
+
+Two things are kept or lost:
+
+* the converted (unquantized) file: perplexity change and full-text KL divergence on the eval text,
+  through llama-perplexity on the very same chunks (core/perplexity.py);
+* the fine-tune: `finetune_kept` on the eval assistant tokens (core/assistant_scores.py), 1 when the
+  quantized file predicts like the merged model, 0 when it predicts like the base.
+
+`Reference` computes the unquantized and HF sides once; `measure` then costs one llama-perplexity
+KL run and one pass of the quantized file over the assistant tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorapipe.core import assistant_scores
+from lorapipe.core import perplexity as ppl
+from lorapipe.core.assistant_scores import Scores
+from lorapipe.core.errors import LorapipeError
+
+# Rows are cut at least at this many tokens for the assistant-token scores: a short perplexity ctx
+# must not cut every answer away.
+MIN_ASSISTANT_CUTOFF = 512
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The thresholds a quantized file must meet (params: evaluate.max_ppl_delta_pct, evaluate.min_finetune_kept)."""
+    max_ppl_delta_pct: float
+    min_finetune_kept: float
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One quantized file against the reference."""
+    ppl: float             # perplexity on the eval text (llama-perplexity, the reference's chunks)
+    ppl_delta_pct: float   # vs the unquantized file, in %
+    kld: float             # full-text KL divergence from the unquantized file
+    same_top_pct: float    # % of scored positions whose top token equals the unquantized file's
+    rms_dp_pct: float
+    assistant: Scores      # loss on the assistant tokens and KLD from the merged model there
+    finetune_kept: float | None  # None: the fine-tune moved the model too little to measure
+
+
+def pct(a: float, b: float) -> float:
+    """(a - b) / b in percent."""
+    return (a - b) / b * 100.0
+
+
+class Reference:
+    """The unquantized GGUF's perplexity (its logits saved for KL runs) and the assistant-token log-probs
+    of the HF merged model (the reference) and base, all on the same token ids.
+
+    Call `add_hf("hf_merged", model)` first, then `add_hf("hf_base", model)`; each model can be freed
+    after its call, so only one is in memory at a time."""
+
+    def __init__(self, rows: list[dict], tokenizer, eval_jsonl: Path, ref_gguf: Path, work: Path, *,
+                 ctx: int, max_chunks: int, threads: int):
+        self.ref_gguf, self.threads = Path(ref_gguf), threads
+        self.text_file, self.logits_file = Path(work) / "eval.txt", Path(work) / "reference.logits"
+        text = ppl.render_text(rows, tokenizer, eval_jsonl)
+        self.text_file.write_text(text, encoding="utf-8")
+        self.stream = ppl.check_same_ids(tokenizer, ppl.hf_text_ids(tokenizer, text),
+                                         ppl.llama_text_ids(self.ref_gguf, self.text_file), self.ref_gguf)
+        self.plan = ppl.plan_chunks(len(self.stream.ids), ctx, max_chunks, eval_jsonl)
+        self.ppl_ref = ppl.gguf_perplexity(self.ref_gguf, self.text_file, self.plan, threads, self.logits_file)
+        cutoff = max(ctx, MIN_ASSISTANT_CUTOFF)
+        self.examples = assistant_scores.examples(rows, tokenizer, cutoff, self.plan.scored)
+        if not self.examples:
+            raise LorapipeError(f"{eval_jsonl}: no assistant token within the first {cutoff} tokens of any row")
+        self.n_assistant = sum(len(assistant_scores.positions(e)[0]) for e in self.examples)
+        self.scores: dict[str, Scores] = {}
+        self._merged_logprobs: list = []
+
+    def add_hf(self, key: str, model) -> Scores:
+        """Score a transformers model; the first one added ("hf_merged") is the reference."""
+        logits = assistant_scores.hf_logits(model, self.examples, f"assistant tokens {key.replace('hf_', 'HF ')}")
+        if not self.scores:
+            self.scores[key] = assistant_scores.score(logits, self.examples, keep=self._merged_logprobs)
+        else:
+            self.scores[key] = assistant_scores.score(logits, self.examples, self._merged_logprobs)
+        return self.scores[key]
+
+    def add_gguf(self, key: str, gguf: Path) -> Scores:
+        self.scores[key] = self.score_gguf(gguf)
+        return self.scores[key]
+
+    def score_gguf(self, gguf: Path) -> Scores:
+        logits = assistant_scores.gguf_logits(gguf, self.examples, self.threads, f"assistant tokens {Path(gguf).name}")
+        return assistant_scores.score(logits, self.examples, self._merged_logprobs)
+
+    @property
+    def kld_base(self) -> float:
+        return self.scores["hf_base"].kld
+
+    def finetune_kept(self, kld_quant: float) -> float | None:
+        # A fine-tune that hardly moved the model leaves nothing to lose: the ratio would be noise.
+        if self.kld_base < assistant_scores.MIN_FINETUNE_KLD:
+            return None
+        return assistant_scores.finetune_kept(kld_quant, self.kld_base)
+
+    def measure(self, gguf: Path) -> Figures:
+        if "hf_base" not in self.scores:
+            raise RuntimeError("Reference.measure needs add_hf('hf_merged', ...) and add_hf('hf_base', ...) first")
+        kl = ppl.gguf_kl_divergence(gguf, self.logits_file, self.plan, self.threads)
+        scores = self.score_gguf(gguf)
+        return Figures(kl.ppl, pct(kl.ppl, self.ppl_ref), kl.kld, kl.same_top_pct, kl.rms_dp_pct, scores,
+                       self.finetune_kept(scores.kld))
+
+
+def gate_failures(gates: Gates, figures: Figures, *, quant_gguf: Path, quant_type: str, ref_gguf: Path, ppl_ref: float,
+                  scores: dict[str, Scores]) -> list[str]:
+    """What is wrong with a quantized file, each failure naming the figures, the limit and what to change.
+    `scores` holds at least hf_merged and hf_base (their losses are quoted)."""
+    failures = []
+    delta, kept = figures.ppl_delta_pct, figures.finetune_kept
+    loss = ", ".join(f"{k} {v.loss:.4f}" for k, v in {**scores, "quant": figures.assistant}.items())
+    if delta > gates.max_ppl_delta_pct:
+        failures.append(
+            f"{quant_gguf} ({quant_type}): quantization costs too much: perplexity {figures.ppl:.4f} vs {ppl_ref:.4f} for "
+            f"{ref_gguf.name} is {delta:+.2f} % (limit evaluate.max_ppl_delta_pct = {gates.max_ppl_delta_pct} %), "
+            f"KLD {figures.kld:.4f}. Use export.imatrix: true or a finer type (export.quant: auto with q5_k_m, q6_k "
+            "or q8_0 among export.quant_candidates).")
+    if delta < -gates.max_ppl_delta_pct:
+        failures.append(
+            f"{quant_gguf} ({quant_type}): perplexity {figures.ppl:.4f} is {-delta:.2f} % *below* its own unquantized "
+            f"file's ({ppl_ref:.4f}, {ref_gguf.name}; limit evaluate.max_ppl_delta_pct = {gates.max_ppl_delta_pct} % "
+            "either way). Quantization does not make a model better: the quantized file predicts like another model, "
+            f"most likely the base (finetune_kept {'n/a' if kept is None else f'{kept:.2f}'}; assistant-token loss: {loss}).")
+    if kept is not None and kept < gates.min_finetune_kept:
+        failures.append(
+            f"{quant_gguf} ({quant_type}): the quantized model lost the fine-tune: it kept {kept:.0%} of it (limit "
+            f"evaluate.min_finetune_kept = {gates.min_finetune_kept:.0%}): on the eval assistant tokens its predictions "
+            f"are {figures.assistant.kld:.4f} (KLD) away from the fine-tuned model's, the base model's "
+            f"{scores['hf_base'].kld:.4f}. Assistant-token loss: {loss}. Quantizing rounds the merged weights onto the "
+            f"{quant_type} grid; a base that came from a quantized GGUF already sits on such a grid, and a LoRA update "
+            "smaller than half a step is rounded back to the base.")
+    return failures
+
+
+# What to change when no candidate type keeps the fine-tune (quantize's error ends with it).
+REMEDIES = (
+    "Remedies: a finer type (add q6_k or q8_0 to export.quant_candidates, or set export.quant: q8_0); a "
+    "full-precision base (model.source: an HF folder or hub id rather than a quantized .gguf: a base taken from "
+    "a quantized file sits on that file's grid, docs/toolchain.md); a stronger fine-tune (train.max_steps, "
+    "train.lr, lora.rank); or, knowingly, looser gates (evaluate.min_finetune_kept, evaluate.max_ppl_delta_pct, "
+    "export.parity.min_argmax_agreement_quant).")
