@@ -15,7 +15,7 @@ Variants
           pad to the longest sample of the batch, multiple of 8; full logits; random order)
 
 Usage: .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--hidden 256] [--layers 4] [--model DIR]
-       .venv/bin/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf   (README's headline)
+       .venv/bin/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf   (docs/benchmarks.md)
 """
 
 from __future__ import annotations

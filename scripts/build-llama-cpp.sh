@@ -7,7 +7,7 @@
 # CPU advertises AMX, and on VMs that advertise it without enabling it (this project's machines)
 # every quantized model dies with "Illegal instruction". Instead the baseline (AVX, AVX2, FMA,
 # F16C) is extended by the AVX-512 / VNNI extensions this CPU lists in /proc/cpuinfo, one by one,
-# never AMX. That makes prompt processing markedly faster than the baseline build (README has the
+# never AMX. That makes prompt processing markedly faster than the baseline build (docs/benchmarks.md has the
 # figures; benchmarks/inference.py measures the decode rate).
 set -euo pipefail
 src="$1/vendor/llama.cpp"; build="$1/build-cpu"

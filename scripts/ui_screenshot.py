@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Screenshots of a running `lorapipe ui` for README, taken in headless Chromium (as tests/test_ui.py
+"""Screenshots of a running `lorapipe ui` for docs/commands.md, taken in headless Chromium (as tests/test_ui.py
 drives it): the Compare tab after one greedy prompt answered by both models, and the Run tab.
 
     lorapipe ui &                                  # wait for "[ui] ready"

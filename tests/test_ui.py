@@ -95,7 +95,7 @@ def browser():
     """A headless Chromium through chromium-driver (Debian packages), or skip saying what is missing."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.skip("no chromium/chromedriver on PATH (scripts/install-browser.sh installs them as root)")
+        pytest.skip("no chromium/chromedriver on PATH (`make setup-browser` installs them as root)")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service

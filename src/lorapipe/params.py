@@ -185,7 +185,7 @@ class ParityParams(Section):
     # rounding (max |Δlogit| ~0.003 on tiny models, above) flips near-ties, and a chat prompt has some.
     min_argmax_agreement: float = Field(0.98, ge=0, le=1)
     # Loose on purpose: a 4-bit small model flips many near-ties, and the figure moves with the CPU
-    # (README has the measured ones); a broken or snapped-back file lands far lower. Whether
+    # (docs/quantization.md has the measured ones); a broken or snapped-back file lands far lower. Whether
     # quantization kept the fine-tune is evaluate's finer gate (finetune_kept).
     min_argmax_agreement_quant: float = Field(0.7, ge=0, le=1)
     # Greedy answer length for the stop check: the GGUF must end its answer wherever the HF merged
@@ -256,7 +256,7 @@ class ServeParams(Section):
     port: int = Field(8080, gt=0, lt=65536)
     ctx: int = Field(2048, gt=0)
     threads: int | None = Field(None, gt=0)  # null = llama-server's default
-    # Requests decoded together (slots sharing one KV pool); chosen from benchmarks/serve_load.py (README).
+    # Requests decoded together (slots sharing one KV pool); chosen from benchmarks/serve_load.py (docs/benchmarks.md).
     parallel: int = Field(4, ge=1)
     startup_timeout: float = Field(120.0, gt=0)  # seconds to wait for /health before giving up
 

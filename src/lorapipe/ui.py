@@ -12,8 +12,8 @@ variants, gates, experiments, read from the committed metrics).
 Each model runs in its own llama-server (core/llama_server.py, the server `lorapipe serve` ships) on a
 free loopback port; this process serves the page and relays the servers' streamed answers from
 /api/chat, so the page talks to one origin only. Built on the standard library's HTTP server and one
-static page without JavaScript libraries: nothing is loaded from outside this machine (README says
-why not Gradio).
+static page without JavaScript libraries: nothing is loaded from outside this machine (docs/commands.md
+says why not Gradio).
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
     stops_on_its_own = compare_stops(Path(gguf_path).name, hf_stops, stops, parity.max_new_tokens, rep)
     max_diff, agreement = max(diffs), float(np.mean(agrees))
     # The limit is for F16 weights; BF16 keeps 3 fewer mantissa bits, so its rounding moves logits ~8x
-    # as far (README: the measured figures).
+    # as far (docs/quantization.md: the measured figures).
     bf16 = "BF16" in gguf_meta.tensor_types(gguf_path)
     limit = parity.max_abs_logit_diff * (8 if bf16 else 1)
     if not np.isfinite(max_diff) or max_diff > limit:  # NaN compares False: check it first
