@@ -19,6 +19,7 @@ import pytest
 
 from conftest import build_lora_adapter, build_tiny_model, sentencepiece_model_from_gguf, write_jsonl
 from lorapipe.core import gguf_meta, llamacpp
+from lorapipe.core.retention import Gates
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ExportParams, MergeParams, ParityParams, Params
 from lorapipe.stages import convert, merge, quantize
@@ -63,6 +64,11 @@ def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+# These tests are about each architecture's conversion and parity: the quality gates stay open
+# (random weights keep no fine-tune worth measuring; tests/test_finetune_kept.py tests those gates).
+OPEN_GATES = Gates(max_ppl_delta_pct=1000.0, min_finetune_kept=-1000.0)
+
+
 def _exported(arch, hidden, tokenizer_dir, root):
     base = build_tiny_model(arch, tokenizer_dir, root / "base", hidden_size=hidden)
     if (tokenizer_dir / "tokenizer.model").is_file():  # transformers 5 does not re-save it
@@ -84,7 +90,8 @@ def test_architecture_end_to_end(arch, hidden, tokenizer, request, tmp_path):
     figures = {}
     for quant in ("Q4_K_M", "Q8_0"):
         out = tmp_path / f"model-{quant.lower()}.gguf"
-        m = quantize.quantize(f16, out, quant, merged_dir=merged, eval_rows=EVAL_ROWS, parity_params=PARITY)
+        m = quantize.quantize(f16, out, quant, merged_dir=merged, base_dir=tmp_path / "base", eval_rows=EVAL_ROWS,
+                              parity_params=PARITY, gates=OPEN_GATES, candidates=[quant])
         p = m["parity"]
         assert p["passed"] and p["tokens_match"] == p["template_match"] == p["n_prompts"] == 3
         assert p["bos_doubled"] == 0 and p["stop_tokens_ok"] and p["f16_argmax_agreement"] >= 0.98
@@ -125,4 +132,11 @@ def test_stage_runs_on_repo_paths(tiny_adapter, tmp_path, monkeypatch):
     metrics = json.loads(Path("metrics/quantize.json").read_text())
     assert metrics["imatrix"] is True and metrics["parity"]["passed"] is True
     assert metrics["tensor_types"] == {"F32": 5, "Q8_0": 15}
-    assert sorted(os.listdir("models/gguf")) == ["model-Q8_0.gguf", "model-auto.gguf"]
+    assert sorted(os.listdir("models/gguf")) == ["model-auto.gguf", "model-quant.gguf"]
+    assert gguf_meta.file_type("models/gguf/model-quant.gguf") == "Q8_0"
+
+    # a failed rerun leaves neither the file nor the metrics of the run before it
+    impossible = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_ppl_delta_pct": -1.0})})
+    with pytest.raises(LorapipeError, match="no candidate type passes every gate"):
+        quantize.run(impossible)
+    assert sorted(os.listdir("models/gguf")) == ["model-auto.gguf"] and not Path("metrics/quantize.json").exists()

@@ -206,6 +206,11 @@ class ExportParams(Section):
     description: str = "LoRA fine-tuned chat model built by lorapipe"
     parity: ParityParams = ParityParams()
 
+    @field_validator("quant")
+    @classmethod
+    def _quant_lower(cls, quant: str) -> str:
+        return quant.strip().lower()  # llama-quantize reads type names in any case; `auto` is compared as is
+
     @field_validator("quant_candidates")
     @classmethod
     def _candidates_are_types(cls, names: list[str]) -> list[str]:

@@ -62,5 +62,8 @@ def file_type(path_or_reader) -> str:
     field = r.fields.get("general.file_type")
     if field is None:
         raise LorapipeError(f"{path_or_reader}: no general.file_type in the GGUF metadata")
-    name = LlamaFileType(int(field.contents())).name
+    try:
+        name = LlamaFileType(int(field.contents())).name
+    except ValueError:
+        raise LorapipeError(f"{path_or_reader}: general.file_type {field.contents()} is not a type this gguf-py knows") from None
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")

@@ -314,8 +314,10 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
     return rep, ll_ids
 
 
-def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[list[int]], parity, *, threads: int = 2) -> Report:
-    """Argmax agreement (and max |Δlogit|) of the quantized GGUF vs the reference (f16) GGUF."""
+def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[list[int]], parity, *, threads: int = 2,
+                name: str | None = None) -> Report:
+    """Argmax agreement (and max |Δlogit|) of the quantized GGUF vs the reference (f16) GGUF; `name` is
+    how failures call the quantized file (default: its file name)."""
     rep = Report()
     n_ctx = max(64, max(len(x) for x in prompt_ids) + 8)
     ref = load_gguf(ref_gguf, n_ctx=n_ctx, threads=threads)
@@ -327,12 +329,12 @@ def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[l
                                                  unit="prompt")))
     quant.close()
     agreement = float(np.mean(agrees))
-    if agreement < parity.min_argmax_agreement_quant:
+    if not agreement >= parity.min_argmax_agreement_quant:  # written so that NaN fails too
         rep.failures.append(
-            f"{Path(quant_gguf).name}: its top token differs from {Path(ref_gguf).name}'s on {1 - agreement:.0%} of the "
+            f"{name or Path(quant_gguf).name}: its top token differs from {Path(ref_gguf).name}'s on {1 - agreement:.0%} of the "
             f"prompt positions (agreement {agreement:.3f} < export.parity.min_argmax_agreement_quant = "
             f"{parity.min_argmax_agreement_quant}; per prompt: {', '.join(f'{a:.2f}' for a in agrees)}). The quantized "
-            "file is not the converted model any more: use a finer type (export.quant: q6_k or q8_0) or "
+            "file is not the converted model any more: use a finer type (q6_k or q8_0 among export.quant_candidates) or "
             "export.imatrix: true. If models/base came from a quantized GGUF, re-quantizing can snap the weights back "
             "to that file's grid and erase the fine-tune: start from full-precision weights or use q8_0.")
     rep.figures = {"quant_argmax_agreement": agreement, "quant_max_abs_logit_diff": float(max(diffs))}

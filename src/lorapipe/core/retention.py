@@ -15,6 +15,7 @@ KL run and one pass of the quantized file over the assistant tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,13 @@ class Reference:
     def kld_base(self) -> float:
         return self.scores["hf_base"].kld
 
-    def finetune_kept(self, kld_quant: float) -> float | None:
+    @property
+    def finetune_measurable(self) -> bool:
         # A fine-tune that hardly moved the model leaves nothing to lose: the ratio would be noise.
-        if self.kld_base < assistant_scores.MIN_FINETUNE_KLD:
-            return None
-        return assistant_scores.finetune_kept(kld_quant, self.kld_base)
+        return self.kld_base >= assistant_scores.MIN_FINETUNE_KLD
+
+    def finetune_kept(self, kld_quant: float) -> float | None:
+        return assistant_scores.finetune_kept(kld_quant, self.kld_base) if self.finetune_measurable else None
 
     def measure(self, gguf: Path) -> Figures:
         if "hf_base" not in self.scores:
@@ -120,6 +123,9 @@ def gate_failures(gates: Gates, figures: Figures, *, quant_gguf: Path, quant_typ
     failures = []
     delta, kept = figures.ppl_delta_pct, figures.finetune_kept
     loss = ", ".join(f"{k} {v.loss:.4f}" for k, v in {**scores, "quant": figures.assistant}.items())
+    if math.isnan(delta):
+        failures.append(f"{quant_gguf} ({quant_type}): perplexity is not a number ({figures.ppl}): llama.cpp computed "
+                        "non-finite logits for the quantized file")
     if delta > gates.max_ppl_delta_pct:
         failures.append(
             f"{quant_gguf} ({quant_type}): quantization costs too much: perplexity {figures.ppl:.4f} vs {ppl_ref:.4f} for "
@@ -132,7 +138,7 @@ def gate_failures(gates: Gates, figures: Figures, *, quant_gguf: Path, quant_typ
             f"file's ({ppl_ref:.4f}, {ref_gguf.name}; limit evaluate.max_ppl_delta_pct = {gates.max_ppl_delta_pct} % "
             "either way). Quantization does not make a model better: the quantized file predicts like another model, "
             f"most likely the base (finetune_kept {'n/a' if kept is None else f'{kept:.2f}'}; assistant-token loss: {loss}).")
-    if kept is not None and kept < gates.min_finetune_kept:
+    if kept is not None and not kept >= gates.min_finetune_kept:  # written so that NaN fails too
         failures.append(
             f"{quant_gguf} ({quant_type}): the quantized model lost the fine-tune: it kept {kept:.0%} of it (limit "
             f"evaluate.min_finetune_kept = {gates.min_finetune_kept:.0%}): on the eval assistant tokens its predictions "

@@ -148,7 +148,10 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
     no candidate passing, raises and leaves nothing at `out_path`."""
     ref_gguf, out_path = Path(ref_gguf), Path(out_path)
     types = candidate_types(quant, candidates)
-    gguf_meta.reader(ref_gguf)  # clear error for a missing or unreadable input before any work
+    ref_type = gguf_meta.file_type(ref_gguf)  # also a clear error for a missing or unreadable input before any work
+    if ref_type in types:
+        raise LorapipeError(f"{'export.quant_candidates' if len(types) > 1 else 'export.quant'}: {ref_type} is the type of "
+                            f"the converted file {ref_gguf} itself; quantizing it to {ref_type} again changes nothing")
     conversations = parity.eval_conversations(eval_rows, parity_params.n_prompts)
     if not conversations:
         raise LorapipeError(f"{eval_jsonl}: no row with a user turn before an assistant turn to check parity on")
@@ -178,7 +181,8 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
             info(f"quantize: {ref_gguf} -> {quant_type}{' with imatrix' if imatrix else ''}"
                  f"{f' (candidate {len(rows) + 1} of {len(types)})' if len(types) > 1 else ''}")
             quantize_file(ref_gguf, tmp, quant_type, imatrix=imatrix, threads=threads)
-            quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads)
+            quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads,
+                                              name=f"{out_path} ({quant_type})")
             figures = reference.measure(tmp)
             failures = quant_report.failures + retention.gate_failures(
                 gates, figures, quant_gguf=out_path, quant_type=quant_type, ref_gguf=ref_gguf,
@@ -190,12 +194,18 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
                 break
             info(f"quantize: {quant_type} fails: " + " | ".join(failures))
         info("quantize: candidates\n" + table_text(rows))
+        if not reference.finetune_measurable:
+            info(f"quantize: warning: the fine-tune moved the model by only {reference.kld_base:.5f} (KLD from the base on "
+                 "assistant tokens); finetune_kept is not measured and its gate does not apply")
         if chosen is None:
             raise LorapipeError(
                 f"quantize: no candidate type passes every gate (nothing was written to {out_path}):\n"
                 + table_text(rows) + "\n" + "\n".join(f for r in rows for f in r["failures"]) + "\n" + retention.REMEDIES)
         quant_type, sizes, quant_report = chosen
-        metrics = {"quant": quant_type, "choice": choice_reason(quant, types, quant_type), "imatrix": imatrix is not None,
+        choice = choice_reason(quant, types, quant_type)
+        if not reference.finetune_measurable:
+            choice += " (finetune_kept not measured: the fine-tune moved the model too little)"
+        metrics = {"quant": quant_type, "choice": choice, "imatrix": imatrix is not None,
                    **sizes, "parity": {**ref_report.figures, **quant_report.figures, "passed": True},
                    "ppl_unquantized": reference.ppl_ref, "kld_assistant_base_vs_merged": reference.kld_base,
                    "candidates": rows}
@@ -241,6 +251,10 @@ def run(params) -> dict:
     if not paths.EVAL_JSONL.is_file():
         raise LorapipeError(f"{paths.EVAL_JSONL}: not found; the gates need the eval split (run `lorapipe clean`)")
     hfmodel.check_folder(paths.BASE_DIR, "the base model (made by stage base: `lorapipe base`)")
+    # The output's name does not say its type: a file left by an earlier run must not outlive a failed one
+    # (`dvc repro` removes outs first too).
+    for stale in (paths.QUANT_GGUF, METRICS, PLOT):
+        stale.unlink(missing_ok=True)
     train_rows = read_jsonl(paths.TRAIN_JSONL) if ex.imatrix else None
     metrics = quantize(ref, paths.QUANT_GGUF, ex.quant, candidates=ex.quant_candidates, merged_dir=paths.MERGED_DIR,
                        base_dir=paths.BASE_DIR, eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity,
