@@ -94,14 +94,15 @@ TOLERANCE: dict[str, list[tuple[str, Rule]]] = {
         ("ppl_unquantized", rel(0.005)), ("kld_assistant_*", abs_(0.01)),
         *each(EQUAL, *(f"parity.{k}" for k in ("passed", "n_prompts", "tokens_match", "template_match", "bos_doubled", "add_bos",
                                                "eos_id", "eot_id", "stop_tokens_ok", "stops_on_its_own", "max_abs_logit_diff_limit"))),
-        ("parity.f16_argmax_agreement", abs_(0.02)), ("parity.quant_argmax_agreement", abs_(0.05)),
+        # a 4-bit file's top-token agreement moves most between CPUs (docs/reproducibility.md has the figures)
+        ("parity.f16_argmax_agreement", abs_(0.02)), ("parity.quant_argmax_agreement", abs_(0.1)),
         ("parity.f16_max_abs_logit_diff", abs_(0.1)), ("parity.quant_max_abs_logit_diff", abs_(2.0)),
         *each(abs_(0.25), "parity.stop_fraction", "parity.hf_stop_fraction"),  # one prompt of four
         # greedy reply lengths: one other token changes them; the stop fractions above are what is compared
         *each(INFO, "parity.gen_tokens", "parity.hf_gen_tokens"),
         ("candidates", EQUAL),  # the types tried, in order
         *each(EQUAL, "candidates.*.size_mb", "candidates.*.passed"), ("candidates.*.failures", WORDING),
-        ("candidates.*.bits_per_weight", rel(0.001)), ("candidates.*.argmax_agreement", abs_(0.05)),
+        ("candidates.*.bits_per_weight", rel(0.001)), ("candidates.*.argmax_agreement", abs_(0.1)),
         ("candidates.*.ppl_delta_pct", abs_(0.5)), ("candidates.*.kld", abs_(0.005)),
         ("candidates.*.kld_assistant_vs_merged", abs_(0.01)), ("candidates.*.finetune_kept", abs_(0.02)),
     ],

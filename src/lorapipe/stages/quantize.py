@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -180,18 +181,22 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
         for quant_type in types:
             info(f"quantize: {ref_gguf} -> {quant_type}{' with imatrix' if imatrix else ''}"
                  f"{f' (candidate {len(rows) + 1} of {len(types)})' if len(types) > 1 else ''}")
-            quantize_file(ref_gguf, tmp, quant_type, imatrix=imatrix, threads=threads)
-            quant_report = parity.check_quant(ref_gguf, tmp, prompt_ids, parity_params, threads=threads,
+            # named by its type while it is measured (progress lines and messages say which candidate)
+            candidate = work / f"model-{quant_type.lower()}.gguf"
+            quantize_file(ref_gguf, candidate, quant_type, imatrix=imatrix, threads=threads)
+            quant_report = parity.check_quant(ref_gguf, candidate, prompt_ids, parity_params, threads=threads,
                                               name=f"{out_path} ({quant_type})")
-            figures = reference.measure(tmp)
+            figures = reference.measure(candidate)
             failures = quant_report.failures + retention.gate_failures(
                 gates, figures, quant_gguf=out_path, quant_type=quant_type, ref_gguf=ref_gguf,
                 ppl_ref=reference.ppl_ref, scores=reference.scores)
-            sizes = size_metrics(ref_gguf, tmp)
+            sizes = size_metrics(ref_gguf, candidate)
             rows.append(candidate_row(quant_type, sizes, quant_report.figures["quant_argmax_agreement"], figures, failures))
             if not failures:
+                shutil.copyfile(candidate, tmp)  # the work folder may be on another file system than out_path
                 chosen = (quant_type, sizes, quant_report)
                 break
+            candidate.unlink()
             info(f"quantize: {quant_type} fails: " + " | ".join(failures))
         info("quantize: candidates\n" + table_text(rows))
         if not reference.finetune_measurable:
