@@ -234,7 +234,7 @@ def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):
 
 
 def test_queued_sweep_shows_each_experiment_and_metrics_diff_has_its_values(pipeline):
-    """README's sweep, as written there: queue three ranks, run the queue, show and compare them."""
+    """README's sweep commands (on three ranks): queue them, run the queue, show and compare them."""
     root, env = pipeline["root"], pipeline["env"]
     repro(pipeline)
     run(["git", "add", "-A"], root, env)
