@@ -112,8 +112,11 @@ def test_session_commands_and_history(gguf_backend, monkeypatch, capsys):
 def test_ctrl_c_stops_the_reply_not_the_session(backend, tiny_gguf):
     folder, gguf = tiny_gguf("random")
     model = gguf if backend == "gguf" else folder
+    # Ctrl-C as a terminal delivers it: a suite started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python keeps an ignored SIGINT, so the child gets the default back.
     proc = subprocess.Popen([*LORAPIPE, "chat", "--backend", backend, "--model", str(model), "--max-new-tokens", "100000"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(b"Talk to me.\n")
         proc.stdin.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -14,8 +15,11 @@ def dry_run(target: str, tmp_path) -> str:
     """The commands `make <target>` would run on a machine with nothing set up yet (make -n runs none)."""
     if shutil.which("make") is None:
         pytest.skip("make is not on PATH")
-    proc = subprocess.run(["make", "-n", target, f"LORAPIPE_CACHE={tmp_path}", f"VENV={tmp_path}/venv"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    # Under `make test` this runs inside make: without the parent's MAKELEVEL/MAKEFLAGS the inner make
+    # neither joins its jobserver nor prints "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target, f"LORAPIPE_CACHE={tmp_path}", f"VENV={tmp_path}/venv"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=True, env=env)
     return proc.stdout
 
 
