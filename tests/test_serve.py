@@ -35,8 +35,11 @@ def pid_alive(pid: int) -> bool:
 
 def start(gguf, port: int) -> tuple[subprocess.Popen, int]:
     """Start `lorapipe serve`; return it and llama-server's pid once it says it is ready."""
+    # SIGINT's default disposition, as under a terminal: a suite started in the background by a
+    # non-interactive shell inherits it ignored, and Python keeps an ignored SIGINT.
     proc = subprocess.Popen([*LORAPIPE, "serve", "--model", str(gguf), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()  # blocks until ready (or exit: then the line is empty)
     assert "ready" in line, f"serve did not come up (exit code {proc.poll()})"
     return proc, int(line.split("(pid ")[1].split(")")[0])
