@@ -61,7 +61,7 @@ def workspace(tmp_path_factory, tiny_model, smollm2_tokenizer_dir):
 
 def run_kwargs(ws, quant="q4_k_m") -> dict:
     return dict(eval_jsonl=ws / paths.EVAL_JSONL, base_dir=ws / paths.BASE_DIR, merged_dir=ws / paths.MERGED_DIR,
-                ref_gguf=ws / paths.gguf_path("f16"), quant_gguf=ws / paths.QUANT_GGUF, quant_name=quant)
+                ref_gguf=ws / paths.gguf_path("f16"), quant_gguf=ws / paths.QUANT_GGUF)
 
 
 def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):

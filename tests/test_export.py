@@ -20,7 +20,7 @@ import pytest
 
 from lorapipe.core import gguf_meta, parity
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import ParityParams
+from lorapipe.params import EvaluateParams, ParityParams
 from lorapipe.stages.convert import convert
 from lorapipe.stages.merge import merge
 from lorapipe.core.retention import Gates
@@ -44,8 +44,9 @@ EVAL_ROWS = [
 # model (0.91-1.00 measured); the gate's default 0.8 is for trained models.
 # F16 logits of tiny models are within 0.003 of HF (measured), so their bound is tighter than the default.
 RANDOM_MODEL_PARITY = ParityParams(max_new_tokens=8, min_argmax_agreement_quant=0.5, max_abs_logit_diff=0.02)
-# evaluate's defaults (params.EvaluateParams)
-DEFAULT_GATES = Gates(max_ppl_delta_pct=5.0, min_finetune_kept=0.5)
+# evaluate's defaults: the gates and the perplexity chunks quantize measures them on
+DEFAULT_GATES = Gates(EvaluateParams().max_ppl_delta_pct, EvaluateParams().min_finetune_kept)
+SCORING = {"ctx": EvaluateParams().ctx, "max_chunks": EvaluateParams().max_chunks}
 CANDIDATES = ["q4_k_m", "q5_k_m", "q6_k", "q8_0"]
 
 
@@ -65,7 +66,7 @@ def run_quantize(exported, tiny_adapter, out, quant, **kwargs):
     merged, f16, _ = exported
     base, _ = tiny_adapter("llama")
     kwargs = {"eval_rows": EVAL_ROWS, "parity_params": RANDOM_MODEL_PARITY, "gates": DEFAULT_GATES,
-              "candidates": CANDIDATES, "merged_dir": merged, "base_dir": base, **kwargs}
+              "candidates": CANDIDATES, "merged_dir": merged, "base_dir": base, **SCORING, **kwargs}
     return quantize(kwargs.pop("ref_gguf", f16), out, quant, **kwargs)
 
 
@@ -277,5 +278,5 @@ def test_truncated_gguf_is_a_clear_error(exported, tmp_path):
         parity.load_gguf(broken)
     with pytest.raises(LorapipeError, match=r"model-f16.gguf: not a readable GGUF file"):
         quantize(broken, tmp_path / "q.gguf", "Q8_0", merged_dir=merged, base_dir=merged, eval_rows=EVAL_ROWS,
-                 parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES, candidates=CANDIDATES)
+                 parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES, candidates=CANDIDATES, **SCORING)
     assert not (tmp_path / "q.gguf").exists()

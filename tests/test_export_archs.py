@@ -23,7 +23,7 @@ from lorapipe.core.retention import Gates
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ExportParams, MergeParams, ParityParams, Params
 from lorapipe.stages import convert, merge, quantize
-from test_export import EVAL_ROWS
+from test_export import EVAL_ROWS, SCORING
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_architecture_end_to_end(arch, hidden, tokenizer, request, tmp_path):
         # refuse with a clear error; the conversion and parity checks run on their own below.
         with pytest.raises(LorapipeError, match=r"the eval text tokenizes differently in transformers and in llama.cpp"):
             quantize.quantize(f16, tmp_path / "refused.gguf", "Q8_0", merged_dir=merged, base_dir=tmp_path / "base",
-                              eval_rows=EVAL_ROWS, parity_params=PARITY, gates=OPEN_GATES, candidates=["Q8_0"])
+                              eval_rows=EVAL_ROWS, parity_params=PARITY, gates=OPEN_GATES, candidates=["Q8_0"], **SCORING)
         assert not (tmp_path / "refused.gguf").exists()
     figures = {}
     for quant in ("Q4_K_M", "Q8_0"):
@@ -110,7 +110,7 @@ def test_architecture_end_to_end(arch, hidden, tokenizer, request, tmp_path):
             m = parity_only(f16, out, quant, merged)
         else:
             m = quantize.quantize(f16, out, quant, merged_dir=merged, base_dir=tmp_path / "base", eval_rows=EVAL_ROWS,
-                                  parity_params=PARITY, gates=OPEN_GATES, candidates=[quant])
+                                  parity_params=PARITY, gates=OPEN_GATES, candidates=[quant], **SCORING)
         p = m["parity"]
         assert p["passed"] and p["tokens_match"] == p["template_match"] == p["n_prompts"] == 3
         assert p["bos_doubled"] == 0 and p["stop_tokens_ok"] and p["f16_argmax_agreement"] >= 0.98

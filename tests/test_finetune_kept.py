@@ -62,7 +62,7 @@ def evaluate_with(root, quant: str):
         quantize.quantize_file(paths.gguf_path("f16"), paths.QUANT_GGUF, quant.upper())
         return evaluate.evaluate(params_mod.EvaluateParams(**EVAL), eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
                                  merged_dir=paths.MERGED_DIR, ref_gguf=paths.gguf_path("f16"),
-                                 quant_gguf=paths.QUANT_GGUF, quant_name=quant.upper())
+                                 quant_gguf=paths.QUANT_GGUF)
 
 
 def test_requantizing_to_the_base_files_type_is_caught_and_explained(finetuned_from_a_q4_file):

@@ -53,7 +53,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     """base (dequantize, save), merge, convert, quantize (imatrix, llama-quantize, parity per prompt),
     evaluate (perplexity per variant and chunk, llama-bench runs, HF speed runs, samples)."""
     from test_evaluate import FAST, eval_rows, write_rows
-    from test_export import CANDIDATES, DEFAULT_GATES, EVAL_ROWS, RANDOM_MODEL_PARITY
+    from test_export import CANDIDATES, DEFAULT_GATES, EVAL_ROWS, RANDOM_MODEL_PARITY, SCORING
 
     from lorapipe import params as params_mod
     from lorapipe.core import paths
@@ -72,7 +72,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     convert(ws / paths.MERGED_DIR, ws / paths.gguf_path("f16"), "f16")
     quantize(ws / paths.gguf_path("f16"), ws / paths.QUANT_GGUF, "q4_k_m", merged_dir=ws / paths.MERGED_DIR,
              base_dir=ws / paths.BASE_DIR, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES,
-             candidates=CANDIDATES, train_rows=EVAL_ROWS * 8)
+             candidates=CANDIDATES, train_rows=EVAL_ROWS * 8, **SCORING)
     write_rows(ws / paths.EVAL_JSONL, eval_rows(24))
     monkeypatch.chdir(ws)
     evaluate.run(params_mod.parse({"evaluate": FAST, "export": {"outtype": "f16"}}))

@@ -23,6 +23,7 @@ from lorapipe.core import assistant_scores
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.assistant_scores import Scores
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.log import info
 
 # Rows are cut at least at this many tokens for the assistant-token scores: a short perplexity ctx
 # must not cut every answer away.
@@ -85,6 +86,9 @@ class Reference:
             self.scores[key] = assistant_scores.score(logits, self.examples, keep=self._merged_logprobs)
         else:
             self.scores[key] = assistant_scores.score(logits, self.examples, self._merged_logprobs)
+            if not self.finetune_measurable:
+                info(f"warning: the fine-tune moved the model by only {self.kld_base:.5f} (KLD from the base on "
+                     "assistant tokens); finetune_kept is not measured and its gate does not apply")
         return self.scores[key]
 
     def add_gguf(self, key: str, gguf: Path) -> Scores:

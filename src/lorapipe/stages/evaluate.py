@@ -119,13 +119,13 @@ def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool
 
 # ------------------------------------------------------------------------------------- evaluate
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
-             quant_name: str, ref_name: str = "f16", trust_remote_code: bool = False) -> tuple[dict, list[dict], str]:
+             ref_name: str = "f16", trust_remote_code: bool = False) -> tuple[dict, list[dict], str]:
     """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails."""
     import torch
 
     check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
     torch.set_num_threads(ep.threads)
-    quant_label, ref_label = quant_name.lower(), ref_name.lower()
+    ref_label = ref_name.lower()
     tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
     rows = ppl.read_eval_rows(eval_jsonl)
     if not rows:
@@ -170,11 +170,10 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 
         ref.add_gguf(ref_label, ref_gguf)
         quant = ref.measure(quant_gguf)
+    quant_name = gguf_meta.file_type(quant_gguf)  # the type stage quantize chose
+    quant_label = quant_name.lower()
     scores = {**ref.scores, "quant": quant.assistant}
     kept = quant.finetune_kept
-    if kept is None:
-        info(f"evaluate: warning: the fine-tune moved the model by only {ref.kld_base:.5f} (KLD from the base "
-             "on assistant tokens); finetune_kept is not measured")
     failures = retention.gate_failures(retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), quant,
                                        quant_gguf=quant_gguf, quant_type=quant_name, ref_gguf=ref_gguf, ppl_ref=ppl_ref,
                                        scores=ref.scores)
@@ -244,11 +243,9 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
 def run(params) -> dict:
     ex = params.export
     ref_type = hfmodel.resolve_outtype(ex.outtype, paths.MERGED_DIR)  # the label of the converted file's figures
-    check_gguf(paths.QUANT_GGUF, "it is made by stage quantize (`lorapipe quantize`)")
     metrics, variants, samples = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
-        quant_name=gguf_meta.file_type(paths.QUANT_GGUF),
         ref_name=ref_type, trust_remote_code=params.model.trust_remote_code)
     write_json(METRICS, metrics)
     write_json(PLOT, variants)

@@ -142,7 +142,7 @@ def table_text(rows: list[dict]) -> str:
 
 def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_dir: str | Path, base_dir: str | Path,
              eval_rows: list[dict], parity_params, gates: retention.Gates, candidates: list[str],
-             ctx: int = 256, max_chunks: int = 16, eval_jsonl: Path = paths.EVAL_JSONL,
+             ctx: int, max_chunks: int, eval_jsonl: Path = paths.EVAL_JSONL,
              train_rows: list[dict] | None = None, trust_remote_code: bool = False, threads: int = 2) -> dict:
     """Quantize to each candidate type in turn, keep the first that passes every gate at `out_path`,
     and return the metrics with the whole candidate table. A failed gate on the converted file, or
@@ -199,9 +199,6 @@ def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_d
             candidate.unlink()
             info(f"quantize: {quant_type} fails: " + " | ".join(failures))
         info("quantize: candidates\n" + table_text(rows))
-        if not reference.finetune_measurable:
-            info(f"quantize: warning: the fine-tune moved the model by only {reference.kld_base:.5f} (KLD from the base on "
-                 "assistant tokens); finetune_kept is not measured and its gate does not apply")
         if chosen is None:
             raise LorapipeError(
                 f"quantize: no candidate type passes every gate (nothing was written to {out_path}):\n"
