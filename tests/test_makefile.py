@@ -16,8 +16,11 @@ def dry_run(target: str, tmp_path) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not on PATH")
     # Under `make test` this runs inside make: without the parent's MAKELEVEL/MAKEFLAGS the inner make
-    # neither joins its jobserver nor prints "Entering directory" lines.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    # neither joins its jobserver nor prints "Entering directory" lines. Without the LORAPIPE_* paths
+    # that `make test` exports, the inner make derives them from LORAPIPE_CACHE=<tmp> as on a new
+    # machine, instead of finding this machine's finished llama.cpp build.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS") and not k.startswith("LORAPIPE_")}
     proc = subprocess.run(["make", "--no-print-directory", "-n", target, f"LORAPIPE_CACHE={tmp_path}", f"VENV={tmp_path}/venv"],
                           cwd=REPO_ROOT, capture_output=True, text=True, check=True, env=env)
     return proc.stdout
