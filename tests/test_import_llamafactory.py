@@ -38,7 +38,9 @@ def test_seed_yaml_imports_to_loadable_params(seed, tmp_path, capsys):
     assert p.train.epochs == 3.0 and p.train.precision == "bf16"
     assert [s.name for s in p.data.sources] == ["train_data_multi_50pct", "merged_30pct"]
     assert all(s.type == "llamafactory" and Path(s.dataset_info) == INFO for s in p.data.sources)
-    assert p.model.trust_remote_code is True
+    # The seed's YAMLs say trust_remote_code: true; only the user's own flag turns it on (next test).
+    assert p.model.trust_remote_code is False
+    assert "trust_remote_code: true was imported as model.trust_remote_code: false" in report
     if seed == "qwen":
         assert p.model.source.endswith("Qwen2.5-1.5B-Instruct") and p.model.chat_template == "qwen"
         # keys the YAML leaves out mean LLaMA-Factory's defaults, not lorapipe's
@@ -53,11 +55,22 @@ def test_seed_yaml_imports_to_loadable_params(seed, tmp_path, capsys):
         assert p.train.logging_steps == 10 and p.train.save_steps == 500
 
 
+def test_trust_remote_code_is_imported_only_with_the_users_flag(tmp_path, capsys):
+    train, merge = SEEDS["minicpm"]
+    args = (str(FIX / train), "--merge-yaml", str(FIX / merge), "--dataset-info", str(INFO))
+    assert run_cli(*args, "--out", str(tmp_path / "with.yaml"), "--trust-remote-code") == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert params_mod.load(tmp_path / "with.yaml").model.trust_remote_code is True
+    # --strict turns the warning into an error: the decision is the user's, never taken for them
+    assert run_cli(*args, "--out", str(tmp_path / "strict.yaml"), "--strict") == 2
+    assert "trust_remote_code" in capsys.readouterr().err and not (tmp_path / "strict.yaml").exists()
+
+
 @pytest.mark.parametrize("seed", list(SEEDS))
 def test_every_key_is_accounted_for(seed):
     """Nothing is dropped silently: each key of both YAMLs appears in the report with a status."""
     train, merge = SEEDS[seed]
-    imp = convert(FIX / train, FIX / merge, str(INFO))
+    imp = convert(FIX / train, FIX / merge, str(INFO), trust_remote_code=True)  # else that decision is warned of
     for file in (train, merge):
         keys = set(yaml.safe_load((FIX / file).read_text()))
         listed = {key for f, key, status, detail in imp.report.rows if f.endswith(file) and detail}

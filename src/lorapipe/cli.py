@@ -30,6 +30,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
     params = params_mod.load(args.params)
     stage = importlib.import_module(f"lorapipe.stages.{name}")
+    if hasattr(stage, "inputs"):  # what it reads from outside the graph must be a dep DVC checks
+        from lorapipe.core.inputs import check_declared
+
+        check_declared(name, stage.inputs(params))
     with Timer() as t:
         fields = stage.run(params) or {}
     print(summary(name, fields, t.seconds), flush=True)

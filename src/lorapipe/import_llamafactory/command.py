@@ -60,10 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--write", action="store_true",
                        help="update the params file (--params) in place, keeping its other sections and comments")
     parser.add_argument("--strict", action="store_true", help="unknown keys are an error instead of a warning")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="import the YAML's trust_remote_code: true as is (it lets the checkpoint run its own code); "
+                             "without this flag it is written false, with a warning")
 
 
-def convert(train_yaml: str | Path, merge_yaml: str | Path | None = None, dataset_info: str | None = None) -> LFImport:
-    imp = LFImport()
+def convert(train_yaml: str | Path, merge_yaml: str | Path | None = None, dataset_info: str | None = None,
+            trust_remote_code: bool = False) -> LFImport:
+    imp = LFImport(trust_remote_code)
     imp.map_train(read_arguments(train_yaml, "train YAML"), str(train_yaml), dataset_info)
     if merge_yaml:
         imp.map_merge(read_arguments(merge_yaml, "merge YAML"), str(merge_yaml))
@@ -73,7 +77,7 @@ def convert(train_yaml: str | Path, merge_yaml: str | Path | None = None, datase
 def main(args: argparse.Namespace) -> int:
     from lorapipe import params as params_mod
 
-    imp = convert(args.train_yaml, args.merge_yaml, args.dataset_info)
+    imp = convert(args.train_yaml, args.merge_yaml, args.dataset_info, args.trust_remote_code)
     sections = imp.sections()
     print(imp.report.text(), file=sys.stderr)
     if args.strict and imp.report.warnings:

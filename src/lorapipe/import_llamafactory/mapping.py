@@ -98,8 +98,6 @@ def _template(cfg: dict, file: str, warnings: list[str]) -> dict:
 
 def _model(cfg: dict, file: str, warnings: list[str]) -> dict:
     model = {"source": str(cfg["model_name_or_path"]), **_template(cfg, file, warnings)}
-    if "trust_remote_code" in cfg:
-        model["trust_remote_code"] = _bool(cfg["trust_remote_code"])
     if cfg.get("model_revision") not in (None, "main"):
         model["revision"] = str(cfg["model_revision"])
     return model
@@ -143,7 +141,8 @@ def _train(cfg: dict, file: str) -> dict:
 
 
 class LFImport:
-    def __init__(self):
+    def __init__(self, trust_remote_code: bool = False):
+        self.trust_remote_code = trust_remote_code  # the user's own decision (--trust-remote-code)
         self.report = Report()
         self.model: dict = {}
         self.train: dict = {}
@@ -167,9 +166,22 @@ class LFImport:
             self.report.add(file, key, "UNKNOWN", f"not a LLaMA-Factory argument{hint}")
             self.report.warnings.append(f"{file}: unknown key '{key}' is not a LLaMA-Factory argument{hint}; not imported")
 
+    def _trust(self, file: str, value) -> None:
+        """trust_remote_code is the one switch that lets a checkpoint run its own code: a YAML's `true`
+        is imported only when the user passes --trust-remote-code; otherwise false is written, and why."""
+        wanted = _bool(value)
+        self.model["trust_remote_code"] = wanted and self.trust_remote_code
+        if wanted and not self.trust_remote_code:
+            self.report.warnings.append(
+                f"{file}: trust_remote_code: true was imported as model.trust_remote_code: false, because it lets "
+                "the checkpoint run its own Python code; if you trust this model, import again with "
+                "--trust-remote-code (or set model.trust_remote_code: true yourself)")
+
     def map_train(self, cfg: dict, file: str, dataset_info: str | None) -> None:
         _check_train(cfg, file)
         self.model.update(_model(cfg, file, self.report.warnings))
+        if "trust_remote_code" in cfg:
+            self._trust(file, cfg["trust_remote_code"])
         self.lora.update(_lora(cfg, file))
         self.train.update(_train(cfg, file))
         if cfg.get("val_size") not in (None, 0, 0.0):
@@ -221,7 +233,7 @@ class LFImport:
                           "template": "must match the train YAML's (warned if not)"}.get(key, "model.trust_remote_code")
                 self.report.add(file, key, "checked", detail)
                 if key == "trust_remote_code" and "trust_remote_code" not in self.model:
-                    self.model["trust_remote_code"] = _bool(value)
+                    self._trust(file, value)
             else:
                 self._other(file, key)
 

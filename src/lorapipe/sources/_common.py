@@ -1,7 +1,9 @@
 """What every adapter shares: the two kinds of output record, stats, counted JSONL lines, and turning
 speaker turns into roles.
 
-An adapter converts faithfully and judges nothing: a record it can read becomes a row (even one the
+Each adapter has `read(ctx)` and `inputs(ctx)`: the local files and folders `read` will open (or
+the pin of the package whose data it reads), which dvc.yaml must list as deps of ingest
+(core/inputs.py). An adapter converts faithfully and judges nothing: a record it can read becomes a row (even one the
 `clean` stage will later reject, which then gets a file:line reason there); a record it cannot read
 at all becomes a quarantine record. Nothing is dropped silently.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input
 from lorapipe.core.io import JsonlLine, iter_jsonl
 
 RAW_LIMIT = 2000  # characters of the original text kept in a quarantine record
@@ -48,6 +51,14 @@ class Context:
         if not p.exists():
             raise LorapipeError(f"{self.key}.{field_name}: file not found: {path}")
         return p
+
+    def input(self, path: str | None, field_name: str = "path") -> Input:
+        """A local file or folder this source reads (it must exist), for the stage's `inputs`."""
+        return Input(self.existing(path, field_name), f"{self.key}.{field_name}")
+
+    def release_inputs(self) -> list[Input]:
+        """A public set's inputs: its release file, or none when it comes from the hub by `hub_id`."""
+        return [self.input(self.source.path)] if self.source.path else []
 
 
 def load_json(path: Path, data: bytes | None = None) -> Any:

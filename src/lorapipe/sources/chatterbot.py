@@ -24,6 +24,7 @@ from typing import Iterator
 import yaml
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input, pinned_package
 from lorapipe.sources._common import Context, turns_to_messages
 
 
@@ -88,6 +89,10 @@ def read_file(ctx: Context, path: Path, category: str, origin_name: str) -> Iter
             for answer in items[1:]:
                 pair = [{"role": "user", "content": statement}, {"role": "assistant", "content": answer.value}]
                 yield ctx.row(pair, f"{origin_name}:{answer.start_mark.line + 1}")
+
+
+def inputs(ctx: Context) -> list[Input]:
+    return [pinned_package("chatterbot-corpus", ctx.key)]
 
 
 def read(ctx: Context) -> Iterator[dict]:

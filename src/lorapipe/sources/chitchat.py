@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input, pinned_package
 from lorapipe.sources._common import Context, turns_to_messages
 
 ORIGIN_FILE = "chitchat_dataset/dataset.json"
@@ -50,6 +51,10 @@ def conversation_row(ctx: Context, conv: Any, origin: str) -> dict:
     if turns is None:
         return ctx.quarantine(origin, "not a chitchat conversation (messages: list of lists of {text, sender})", conv)
     return ctx.row(turns_to_messages(turns, "\n", ctx), origin)
+
+
+def inputs(ctx: Context) -> list[Input]:
+    return [pinned_package("chitchat-dataset", ctx.key)]
 
 
 def read(ctx: Context, path: Path | None = None) -> Iterator[dict]:

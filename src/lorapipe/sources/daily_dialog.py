@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input
 from lorapipe.sources import _hub
 from lorapipe.sources._common import Context, turns_to_messages
 
@@ -104,6 +105,14 @@ def hub_rows(ctx: Context, rows: Iterable[dict]) -> Iterator[dict]:
             if col in r and len(r[col]) != len(dialog):
                 raise LorapipeError(f"{origin}: {len(r[col])} {col} labels but {len(dialog)} utterances")
         yield ctx.row(turns_to_messages(((j % 2, u.strip() if isinstance(u, str) else u) for j, u in enumerate(dialog)), " ", ctx), origin)
+
+
+def inputs(ctx: Context) -> list[Input]:
+    """The release folder, or its text file and the act/emotion files read beside it."""
+    path = ctx.existing(ctx.source.path) if ctx.source.path else None
+    if path is None or path.is_dir():
+        return ctx.release_inputs()
+    return [Input(p, f"{ctx.key}.path") for p in release_files(path, ctx.source.split) if p is not None]
 
 
 def read(ctx: Context) -> Iterator[dict]:

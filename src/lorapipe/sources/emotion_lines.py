@@ -60,6 +60,10 @@ def hub_rows(ctx: Context, rows: Iterable[dict]) -> Iterator[dict]:
         yield dialogue_row(ctx, r[column], f"hub:{src.hub_id}/{src.split}:#{i}")
 
 
+def inputs(ctx: Context) -> list:
+    return ctx.release_inputs()
+
+
 def read(ctx: Context) -> Iterator[dict]:
     if ctx.source.path:
         return _release(ctx)

@@ -81,6 +81,10 @@ def conversations(ctx: Context, utterances: Iterable[dict]) -> Iterator[dict]:
         yield ctx.row(turns_to_messages(turns, " ", ctx), origin)
 
 
+def inputs(ctx: Context) -> list:
+    return ctx.release_inputs()
+
+
 def read(ctx: Context) -> Iterator[dict]:
     if ctx.source.path:
         utterances = _release_utterances(ctx)

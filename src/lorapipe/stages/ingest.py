@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from lorapipe.core.inputs import Input
 from lorapipe.core.io import atomic_path, dump_jsonl_line
 from lorapipe.core.log import progress
 from lorapipe.core.paths import RAW_DIR
@@ -21,13 +22,22 @@ from lorapipe.sources import adapter
 from lorapipe.sources._common import Context
 
 
+def _contexts(params) -> list[Context]:
+    return [Context(source=src, key=f"data.sources[{i}] ({src.name})") for i, src in enumerate(params.data.sources)]
+
+
+def inputs(params) -> list[Input]:
+    """Every file, folder or package pin the sources read: dvc.yaml lists each as a dep (core/inputs.py)."""
+    return [i for ctx in _contexts(params) for i in adapter(ctx.source.type).inputs(ctx)]
+
+
 def run(params) -> dict:
     sources = params.data.sources
     summary: dict = {"sources": len(sources), "rows": 0, "quarantined": 0, "blank_lines": 0}
     extra: Counter = Counter()
     with atomic_path(RAW_DIR, is_dir=True) as tmp:
-        for i, src in enumerate(sources):
-            ctx = Context(source=src, key=f"data.sources[{i}] ({src.name})")
+        for ctx in _contexts(params):
+            src = ctx.source
             rows = quarantined = 0
             # The file goes straight into the temporary folder: the folder swap is the atomic step.
             # backslashreplace: a lone surrogate (from a JSON "\\ud800" escape in the input) cannot be
