@@ -21,6 +21,7 @@ import yaml
 
 from conftest import REPO_ROOT
 from lorapipe.core import gguf_meta
+from lorapipe.core.inputs import Input, add_deps
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,10 @@ def pipeline(tmp_path_factory, tiny_model):
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model("llama")), allow_unicode=True, sort_keys=False))
+    model_dir = tiny_model("llama")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir), allow_unicode=True, sort_keys=False))
+    # the local checkpoint folder is an input of base, listed in dvc.yaml as a user lists theirs (docs/inputs.md)
+    assert add_deps("base", [Input(model_dir, "model.source")], root) == [str(model_dir)]
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", PYTHONPATH=str(root / "src"),
                HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
