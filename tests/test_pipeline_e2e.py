@@ -58,9 +58,10 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("pipeline") / "repo"
+def copy_project_for_pipeline(parent: Path, tiny_model) -> tuple[Path, dict]:
+    """A git repo at parent/repo with the project's files (no tests, no results) and tiny_params();
+    returns it and the environment its commands run in."""
+    root = parent / "repo"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
@@ -85,6 +86,12 @@ def pipeline(tmp_path_factory, tiny_model):
     run(["git", "init", "-q"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "copy"], root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model):
+    root, env = copy_project_for_pipeline(tmp_path_factory.mktemp("pipeline"), tiny_model)
     first = run(["dvc", "repro"], root, env)
     ran = stages_run(first.stdout)
     run(["git", "add", "-A"], root, env)

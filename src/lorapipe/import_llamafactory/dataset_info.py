@@ -23,8 +23,12 @@ def dataset_sources(cfg: dict, file: str, dataset_info: str | None, warnings: li
     if info_path.is_file():
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise LorapipeError(f"{info_path}: not UTF-8 text (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise LorapipeError(f"{info_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(info, dict):
+            raise LorapipeError(f"{info_path}: expected an object of dataset entries, got {type(info).__name__}")
         missing = [n for n in names if n not in info]
         if missing:
             raise LorapipeError(f"{file}: dataset {', '.join(missing)} not registered in {info_path} "

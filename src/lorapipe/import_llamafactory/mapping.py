@@ -8,6 +8,7 @@ train YAML leaves out take LLaMA-Factory's defaults (keys.LF_DEFAULTS), reported
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,19 +40,40 @@ class Report:
         return "\n".join(out + [f"warning: {w}" for w in self.warnings])
 
 
+# Arguments LLaMA-Factory splits on commas and also takes as a list of names.
+LIST_ARGUMENTS = ("dataset", "lora_target")
+# The arguments read here besides MAPPED (each must be one value, as LLaMA-Factory's parser wants it).
+CHECKED_ARGUMENTS = ("stage", "dataset_dir")
+
+
 def read_arguments(path: str | Path, what: str) -> dict:
+    """The YAML's arguments; a key that is not a name, or a value of the wrong shape for an argument
+    lorapipe reads, is an error naming the file and the key."""
     data = read_yaml(path, what)
     if not isinstance(data, dict):
         raise LorapipeError(f"{path}: {what} must be a mapping of LLaMA-Factory arguments")
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise LorapipeError(f"{path}: {key!r} is not an argument name")
+        if key not in MAPPED and key not in CHECKED_ARGUMENTS:
+            continue
+        single = value is None or isinstance(value, (str, int, float, bool))
+        names = key in LIST_ARGUMENTS and isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not (single or names):
+            shape = "one value or a list of names" if key in LIST_ARGUMENTS else "one value"
+            raise LorapipeError(f"{path}: {key}: expected {shape}, got {type(value).__name__} {str(value)[:60]}")
     return data
 
 
 def _float(value, key: str, file: str) -> float:
     # PyYAML reads `1e-4` (no dot) as a string: accept what LLaMA-Factory's argument parser accepts.
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise LorapipeError(f"{file}: {key}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise LorapipeError(f"{file}: {key}: {value!r} is not a finite number")
+    return number
 
 
 def _int(value, key: str, file: str) -> int:
