@@ -8,6 +8,7 @@ output path for DVC to register.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -32,6 +33,11 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed with SIGKILL cannot remove its temporary sibling: the next write of the same
+    # output does, so a killed merge does not leave a model-sized folder behind. (DVC runs one stage
+    # of a repository at a time, so no live writer of this output owns one.)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        _remove(stale)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     else:
