@@ -70,10 +70,38 @@ def test_remote_code_needs_the_param(tmp_path, monkeypatch, tiny_model):
         run_base(tmp_path, monkeypatch, source=str(src), preset="minicpm-1-0.5b")
 
 
-def test_hub_id_offline_fails_with_a_way_out(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this test (huggingface_hub reads the location at each call)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LorapipeError, match="hub is unreachable.*local folder"):
+    return cache
+
+
+def test_hub_id_offline_and_not_cached_fails_with_a_way_out(tmp_path, monkeypatch, hub_cache):
+    with pytest.raises(LorapipeError, match="hub is off .*local Hugging Face cache has no such snapshot.*local folder"):
         run_base(tmp_path, monkeypatch, source="Qwen/Qwen2.5-1.5B-Instruct", preset="qwen2.5-1.5b-instruct")
+
+
+def test_hub_id_resolves_to_a_commit_that_is_recorded(tmp_path, monkeypatch, hub_cache, tiny_model):
+    # the cache as a download leaves it: refs/main names the commit, snapshots/<commit> holds the files
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / "models--lorapipe-test--tiny-chat"
+    shutil.copytree(tiny_model("qwen2"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    summary = run_base(tmp_path, monkeypatch, source="lorapipe-test/tiny-chat", preset="qwen2.5-1.5b-instruct")
+    assert summary["revision"] == commit
+    record = json.loads((tmp_path / "models/base/lorapipe_base.json").read_text())
+    assert record["revision"] == commit and record["resolved"] == f"lorapipe-test/tiny-chat (hub revision {commit})"
+    assert run_base(tmp_path, monkeypatch, source="lorapipe-test/tiny-chat", preset="qwen2.5-1.5b-instruct",
+                    revision=commit)["revision"] == commit
+    with pytest.raises(LorapipeError, match="revision v2"):
+        run_base(tmp_path, monkeypatch, source="lorapipe-test/tiny-chat", preset="qwen2.5-1.5b-instruct", revision="v2")
 
 
 @pytest.mark.parametrize("source, message", [

@@ -172,16 +172,20 @@ def _copy_hf_folder(folder: Path, out: Path, trust_remote_code: bool) -> None:
 
 
 def _download(hub_id: str, revision: str | None) -> Path:
+    """The snapshot folder of `hub_id` at `revision`, named by its commit: downloaded, or offline
+    (HF_HUB_OFFLINE) taken from the local Hugging Face cache where an earlier download left it."""
     from huggingface_hub import snapshot_download
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise LorapipeError(
-            f"model.source: {hub_id!r} is a hub id but the hub is unreachable (HF_HUB_OFFLINE is set). "
-            "Download the model elsewhere and set model.source to its local folder, or use `embedded`."
-        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.py"]))
-    except Exception as exc:  # network errors come in many types; the message is what helps
+        return Path(snapshot_download(hub_id, revision=revision, local_files_only=offline,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.py"]))
+    except Exception as exc:  # network and cache errors come in many types; the message is what helps
+        if offline:
+            raise LorapipeError(
+                f"model.source: {hub_id!r} (revision {revision or 'main'}) is a hub id, the hub is off (HF_HUB_OFFLINE "
+                "is set) and the local Hugging Face cache has no such snapshot. Download the model elsewhere and set "
+                "model.source to its local folder, or use `embedded`.") from None
         raise LorapipeError(
             f"model.source: could not download {hub_id!r} from the hub ({type(exc).__name__}: {exc}). "
             "Offline? Set model.source to a local folder, or use `embedded`."
