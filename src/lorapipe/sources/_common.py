@@ -3,9 +3,9 @@ speaker turns into roles.
 
 Each adapter has `read(ctx)` and `inputs(ctx)`: the local files and folders `read` will open (or
 the pin of the package whose data it reads), which dvc.yaml must list as deps of ingest
-(core/inputs.py). An adapter converts faithfully and judges nothing: a record it can read becomes a row (even one the
-`clean` stage will later reject, which then gets a file:line reason there); a record it cannot read
-at all becomes a quarantine record. Nothing is dropped silently.
+(core/inputs.py). An adapter converts faithfully and judges nothing: a record it can read becomes a
+row (even one the `clean` stage will later reject, which then gets a file:line reason there); a
+record it cannot read at all becomes a quarantine record. Nothing is dropped silently.
 """
 
 from __future__ import annotations
