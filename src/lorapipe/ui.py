@@ -33,6 +33,7 @@ import http.client
 import importlib.resources
 import ipaddress
 import json
+import re
 import secrets
 import shutil
 import signal
@@ -188,12 +189,12 @@ def _check_chat_request(body, models, max_tokens_limit: int) -> str | None:
 
 
 def _is_host_name(name: str) -> bool:
-    if ":" in name:  # only an IPv6 address has one (a port is not part of a name)
-        try:
-            return ipaddress.ip_address(name.strip("[]")).version == 6
-        except ValueError:
-            return False
-    return bool(name) and not any(c in name for c in "/,@?#[] \t")
+    """A DNS name or an IP address (IPv6 with or without brackets); no scheme, port, path or wildcard."""
+    try:
+        ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+        return True
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*", name) is not None
 
 
 def allowed_authorities(host: str, port: int, extra=()) -> frozenset[str]:
@@ -456,12 +457,13 @@ def main(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else up.port
     if not 0 < port < 65536:
         raise LorapipeError(f"--port: {port} is not a TCP port (1-65535)")
+    for name in args.allow_host:
+        if not _is_host_name(name):
+            raise LorapipeError(f"--allow-host: {name!r} is not a host name or address "
+                                "(no scheme, port, path or wildcard)")
     model = check_gguf(args.model or paths.QUANT_GGUF, "pass --model, or build it with `dvc repro`")
     left = args.compare or up.compare
     left = check_gguf(left if left else base_gguf(params), "pass --compare FILE.gguf")
-    for name in args.allow_host:
-        if not _is_host_name(name):
-            raise LorapipeError(f"--allow-host: {name!r} is not a host name or address (no scheme, port or path)")
     if not is_loopback(host):
         print(f"warning: the ui listens on {host}, reachable from other machines; it has no authentication",
               file=sys.stderr)
