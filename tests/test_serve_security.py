@@ -166,3 +166,20 @@ def test_a_cors_value_llama_server_cannot_honour_is_an_error(value, tiny_gguf, c
     _, gguf = tiny_gguf("scripted")
     assert cli.main(["serve", "--model", str(gguf), "--port", str(free_port()), "--cors-origins", value]) == 2
     assert "--cors-origins" in capsys.readouterr().err
+
+
+def test_ipv6_loopback_with_the_key(tiny_gguf):
+    _, gguf = tiny_gguf("scripted")
+    port = free_port()
+    proc = subprocess.Popen([*LORAPIPE, "serve", "--model", str(gguf), "--host", "::1", "--port", str(port),
+                             "--ctx", "512"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(OPENAI_API_KEY=KEY))
+    try:
+        line = proc.stdout.readline()
+        assert f"http://[::1]:{port}/v1/chat/completions" in line, proc.stderr.read() if not line else line
+        base = f"http://[::1]:{port}"
+        assert http("POST", base + "/v1/chat/completions", CHAT)[0] == 401
+        status, _, body = http("POST", base + "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {KEY}"})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "Hello world!"
+    finally:
+        stop_serve(proc)

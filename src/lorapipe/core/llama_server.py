@@ -51,13 +51,6 @@ def check_port_free(host: str, port: int, what: str = "serve.port") -> None:
                                 "there or pick another port (--port or " + what + ")") from None
 
 
-def free_loopback_port() -> int:
-    """A port the kernel just had free on 127.0.0.1 (for servers only this process talks to)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
