@@ -13,6 +13,9 @@ max_tokens, a client that disconnects mid-stream): each must be answered or clos
 limit, and the server must still answer a normal request afterwards. Everything is bounded in count
 and time (--time-limit per setting, a timeout on every request). Exits 1 if a bad request hung or the
 server stopped answering.
+
+Each server runs with an API key, as a server left running should (a random one, given to `lorapipe
+serve` in OPENAI_API_KEY); every request sends it, and a request without it must be refused (401).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -42,6 +46,8 @@ PROMPTS = [
 ]
 REQUEST_TIMEOUT_S = 120.0
 BAD_TIMEOUT_S = 60.0
+API_KEY = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def free_port() -> int:
@@ -55,7 +61,7 @@ def start_serve(model: Path, parallel: int, ctx: int) -> tuple[subprocess.Popen,
     proc = subprocess.Popen([sys.executable, "-m", "lorapipe.cli", "serve", "--model", str(model), "--host", HOST,
                              "--port", str(port), "--parallel", str(parallel), "--ctx", str(ctx)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                            env=dict(os.environ, OPENAI_API_KEY=API_KEY, PYTHONPATH=os.pathsep.join(
                                 filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))))
     line = proc.stdout.readline()
     if "ready" not in line:
@@ -81,7 +87,8 @@ def one_request(base: str, prompt: str, max_tokens: int) -> dict:
     pieces = 0
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0.7,
             "stream": True, "stream_options": {"include_usage": True}}
-    with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=REQUEST_TIMEOUT_S) as r:
+    with requests.post(base + "/v1/chat/completions", json=body, headers=AUTH, stream=True,
+                       timeout=REQUEST_TIMEOUT_S) as r:
         r.raise_for_status()
         for line in r.iter_lines(chunk_size=None):
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -143,13 +150,13 @@ class Hung(Exception):
 
 
 def _raw_post(base: str, body: bytes) -> int:
-    r = requests.post(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"},
+    r = requests.post(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json", **AUTH},
                       timeout=BAD_TIMEOUT_S)
     return r.status_code
 
 
 def _json_post(base: str, body: dict) -> int:
-    r = requests.post(base + "/v1/chat/completions", json=body, timeout=BAD_TIMEOUT_S)
+    r = requests.post(base + "/v1/chat/completions", json=body, headers=AUTH, timeout=BAD_TIMEOUT_S)
     return r.status_code
 
 
@@ -160,6 +167,7 @@ def _disconnect_mid_stream(base: str) -> str:
                        "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=BAD_TIMEOUT_S) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                  b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
                   b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         got = b""
         while b"data: " not in got:
@@ -170,7 +178,7 @@ def _disconnect_mid_stream(base: str) -> str:
     # The server must notice and stop generating for nobody: its slot is free again soon after.
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 10:
-        slots = requests.get(base + "/slots", timeout=BAD_TIMEOUT_S)
+        slots = requests.get(base + "/slots", headers=AUTH, timeout=BAD_TIMEOUT_S)
         if slots.status_code != 200:
             return f"first piece received, then closed by the client (GET /slots: {slots.status_code})"
         if not any(s.get("is_processing") for s in slots.json()):
@@ -266,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['errors']} |", flush=True)
                     failed |= r["errors"] > 0
         for parallel, (_, base) in servers.items():
+            no_key = requests.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                                   timeout=BAD_TIMEOUT_S).status_code
+            print(f"\nwithout the API key (--parallel {parallel}): HTTP {no_key}", flush=True)
+            failed |= no_key != 401
             print(f"\nbad requests (--parallel {parallel}):")
             for name, outcome, ok in bad_requests(base, ctx):
                 print(f"  {'ok ' if ok else 'BAD'} {name}: {outcome}", flush=True)

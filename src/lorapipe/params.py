@@ -264,6 +264,12 @@ class ServeParams(Section):
     # Requests decoded together (slots sharing one KV pool); chosen from benchmarks/serve_load.py (docs/benchmarks.md).
     parallel: int = Field(4, ge=1)
     startup_timeout: float = Field(120.0, gt=0)  # seconds to wait for /health before giving up
+    # The environment variable holding the API key clients must send (OpenAI clients read this one);
+    # null = none is read (then only --api-key sets a key). Unset or empty variable = no key.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # The one web page origin allowed to read answers cross-origin ("http://localhost:3000"),
+    # "localhost" (pages served from localhost) or "*" (any page); null = none.
+    cors_origins: str | None = None
 
 
 class UiParams(Section):
