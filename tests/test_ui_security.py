@@ -167,7 +167,7 @@ def test_the_own_page_and_curl_still_chat(ui):
 @pytest.mark.parametrize("raw, words", [
     (b'{"model": [], "messages": [{"role": "user", "content": "x"}]}', "model must be one of"),
     (b'{"model": {}, "messages": [{"role": "user", "content": "x"}]}', "model must be one of"),
-    (b"[" * 200_000 + b"]" * 200_000, "nests deeper"),
+    (b"[" * 200_000 + b"]" * 200_000, "nests deeper than Python's JSON parser goes"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "not JSON"),
     (b'{"messages": [{"role": "user", "content": "\xff"}]}', "not JSON"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens"),

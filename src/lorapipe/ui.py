@@ -54,7 +54,6 @@ from lorapipe.core.llama_server import Endpoint, check_port_free, command, is_lo
 HELP = "a local web page: chat with the model, compare two models side by side, see the run's metrics"
 
 MAX_BODY_BYTES = 1 << 20
-MAX_JSON_DEPTH = 32  # /api/chat bodies are 3 levels deep; deeper is refused before Python recurses
 SOCKET_TIMEOUT_S = 10  # any single read or write of a client connection (an idle or half-sent request)
 BODY_TIMEOUT_S = 10  # the whole request body, however slowly it trickles in
 MAX_THREADS = 32  # connections handled at once; more get a 503 at once (each chat stream holds one)
@@ -131,37 +130,13 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_depth_ok(raw: bytes) -> bool:
-    """Whether brackets nest at most MAX_JSON_DEPTH deep (counted outside strings), so that parsing
-    cannot exhaust Python's recursion limit."""
-    depth, in_string, escaped = 0, False, False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
-
-
 def parse_json_body(raw: bytes):
-    """The JSON value of a request body; ValueError saying why not (NaN and Infinity are Python's, not JSON)."""
-    if not _json_depth_ok(raw):
-        raise ValueError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    """The JSON value of a request body; ValueError saying why not (NaN and Infinity are Python's, not JSON).
+    The json module stops a body nested past Python's recursion limit with a RecursionError."""
     try:
         return json.loads(raw, parse_constant=_no_constants)
     except RecursionError:
-        raise ValueError("the body nests too deep") from None
+        raise ValueError("the body nests deeper than Python's JSON parser goes") from None
     except ValueError as exc:
         raise ValueError(f"the body is not JSON: {exc}") from None
 
