@@ -12,17 +12,11 @@ import time
 import pytest
 import requests
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from lorapipe import cli
 
 LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

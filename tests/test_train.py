@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ParamsError, parse
 
@@ -411,7 +412,7 @@ def test_two_process_ddp_run_writes_a_loadable_adapter(tiny_model, tmp_path):
     # torchrun: on a CPU-only machine `accelerate launch --num_processes 2` starts one process (its
     # MULTI_CPU mode goes through mpirun); torchrun starts two, and Trainer picks gloo for them.
     launcher = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", "29517", "-m", "lorapipe", "train"],
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "lorapipe", "train"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((root / "metrics/train.json").read_text())
