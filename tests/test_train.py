@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -169,9 +170,10 @@ def test_stage_writes_adapter_metrics_and_plots(trained):
     metrics = json.loads((root / "metrics/train.json").read_text())
     for key in ("train_loss", "eval_loss", "eval_ppl", "eval_loss_base", "train_tokens_per_s", "runtime_s",
                 "trainable_params", "total_params", "steps", "train_rows", "eval_rows"):
-        assert metrics[key] is not None, key
+        value = metrics[key]  # each a measured figure: a finite positive number, not a placeholder
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0, (key, value)
     assert metrics["steps"] == 4 and metrics["train_rows"] == 24 and metrics["eval_rows"] == 4
-    assert abs(metrics["eval_ppl"] - __import__("math").exp(metrics["eval_loss"])) < 1e-2 * metrics["eval_ppl"]
+    assert abs(metrics["eval_ppl"] - math.exp(metrics["eval_loss"])) < 1e-2 * metrics["eval_ppl"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     # lr 1e-3 on a repeated pattern: the tiny model does learn
     assert metrics["eval_loss"] < metrics["eval_loss_base"]
