@@ -153,7 +153,8 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain to run Ollama's template engine (text/template)")
+@pytest.mark.skipif(shutil.which("go") is None, reason="no `go` on PATH: needs a Go toolchain to run Ollama's template "
+                    "engine (text/template); `make setup-browser` (run by `make test`) installs Debian's golang-go as root")
 @pytest.mark.parametrize("name", ["chatml", "qwen", "gemma"])
 def test_go_template_renders_exactly_like_the_jinja_template(name, tmp_path):
     """The Modelfile TEMPLATE + SYSTEM, run through Go's text/template as Ollama feeds it
