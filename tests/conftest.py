@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def _hermetic_environment() -> Path:
 
 
 HERMETIC_ROOT = _hermetic_environment()
+
+# A lorapipe command as a child process, and its environment: the run's own (above), one thread each so
+# that a test's processes do not compete for the CPUs with one another.
+LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import CHILD_ENV, free_port
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ParamsError, parse
 
@@ -381,7 +380,7 @@ _RUN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_resume_after_kill_9_ends_with_the_same_adapter(tiny_model, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = CHILD_ENV
     script = tmp_path / "run.py"
     script.write_text(_RUN)
     model = tiny_model("llama")
@@ -410,7 +409,7 @@ def test_two_process_ddp_run_writes_a_loadable_adapter(tiny_model, tmp_path):
 
     root = _workdir(tmp_path / "ddp", tiny_model("llama"), _rows(16), _rows(4))
     (root / "params.yaml").write_text("train:\n  max_steps: 3\n  batch_size: 2\n  save_steps: 2\n  logging_steps: 1\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = CHILD_ENV
     # torchrun: on a CPU-only machine `accelerate launch --num_processes 2` starts one process (its
     # MULTI_CPU mode goes through mpirun); torchrun starts two, and Trainer picks gloo for them.
     launcher = Path(sys.executable).with_name("torchrun")

@@ -9,12 +9,10 @@ a clone that pulled only those, so the Run tab and `dvc exp show` read what the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -22,10 +20,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import REPO_ROOT, build_scripted_model, free_port, git
+from conftest import CHILD_ENV, LORAPIPE, REPO_ROOT, build_scripted_model, free_port, git
 
-LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 SCRIPT_A = ("Hi", "Ġthere", "!")
 
 
@@ -44,7 +40,7 @@ def project(tmp_path_factory):
     (root / "dvc.yaml").write_text(yaml.safe_dump({"metrics": [f"metrics/{n}.json" for n in ("train", "eval")],
                                                    "params": ["params.yaml"]}))
     git("init", "-q", cwd=root)
-    subprocess.run([DVC, "init", "-q"], cwd=root, check=True, capture_output=True, env=ENV)
+    subprocess.run([DVC, "init", "-q"], cwd=root, check=True, capture_output=True, env=CHILD_ENV)
     git("add", "-A", cwd=root)
     git("commit", "-qm", "a run", cwd=root)
     return root
@@ -68,7 +64,7 @@ def ui(two_models, project):
     a, b = two_models
     port = free_port()
     proc = subprocess.Popen([*LORAPIPE, "ui", "--model", str(b), "--compare", str(a), "--port", str(port)],
-                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     line = proc.stdout.readline()  # blocks until ready (or exit: then the line is empty)
     if "ready" not in line:
         proc.kill()
