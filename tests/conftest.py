@@ -24,13 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------ one environment for every test
 def _hermetic_environment() -> Path:
     """Give the whole run (and every subprocess it starts) an environment of its own, set before any
-    test module is imported: modules build their subprocess `ENV` from os.environ at import, and
-    transformers reads HF_MODULES_CACHE when it is first imported.
+    test module is imported: CHILD_ENV below and the test modules' subprocess environments are copies
+    of os.environ, and transformers reads HF_MODULES_CACHE when it is first imported.
 
     A test's outcome must depend only on what it sets up, not on the developer's machine: so a fresh
     HOME (no ~/.gitconfig with signing or hooks, no ~/.cache/huggingface where remote code would be
     copied, no DVC or git global config), git's system config off, a fixed author, and no inherited
-    LORAPIPE_*, GIT_* or DVC_* variables. The one thing kept from the machine is where its llama.cpp
+    LORAPIPE_*, GIT_*, DVC_*, XDG_* or HF_* variables. The one thing kept from the machine is where its llama.cpp
     build is (LORAPIPE_LLAMA_CPP, resolved as core/llamacpp.py does, from the real HOME), because
     building it is `make setup`'s job, not each test run's."""
     from lorapipe.core.llamacpp import LLAMA_CPP_PYTHON_VERSION
@@ -98,6 +98,8 @@ def free_port() -> int:
 def git(*args, cwd) -> str:
     """Run git in `cwd` under the run's own config and author (see _hermetic_environment); its stdout."""
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
 SOURCE_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "sources"
 
 
