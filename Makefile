@@ -29,8 +29,9 @@ VENV_STAMP := $(VENV)/.installed
 # The pipeline's set-up: the virtualenv and llama.cpp, nothing installed system-wide.
 setup: $(VENV_STAMP) $(LLAMA_BUILD_STAMP)
 
-# Headless chromium + chromium-driver for the ui's browser test, a system package (apt-get, as root
-# only; otherwise it says so and tests/test_ui.py skips that test). A no-op when both are installed.
+# What the tests need from the system: headless chromium + chromium-driver for the ui's browser test,
+# and Go for the Ollama template test (Debian packages, apt-get as root only; otherwise it says so and
+# those tests skip, saying why). A no-op when all are installed.
 setup-browser:
 	scripts/install-browser.sh
 
@@ -48,7 +49,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 # The whole suite, slow end-to-end tests included (CI runs this); the only target besides
-# setup-browser that installs the test browser.
+# setup-browser that installs the test browser and Go.
 test: setup setup-browser
 	$(BIN)/python -m pytest
 

@@ -7,15 +7,99 @@ never would). Models are shrunk, never faked: real transformers classes with ran
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------ one environment for every test
+def _hermetic_environment() -> Path:
+    """Give the whole run (and every subprocess it starts) an environment of its own, set before any
+    test module is imported: CHILD_ENV below and the test modules' subprocess environments are copies
+    of os.environ, and transformers reads HF_MODULES_CACHE when it is first imported.
+
+    A test's outcome must depend only on what it sets up, not on the developer's machine: so a fresh
+    HOME (no ~/.gitconfig with signing or hooks, no ~/.cache/huggingface where remote code would be
+    copied, no DVC or git global config), git's system config off, a fixed author, and no inherited
+    LORAPIPE_*, GIT_*, DVC_*, XDG_* or HF_* variables. The one thing kept from the machine is where its llama.cpp
+    build is (LORAPIPE_LLAMA_CPP, resolved as core/llamacpp.py does, from the real HOME), because
+    building it is `make setup`'s job, not each test run's."""
+    from lorapipe.core.llamacpp import LLAMA_CPP_PYTHON_VERSION
+
+    llama_cpp = os.environ.get("LORAPIPE_LLAMA_CPP") or str(
+        Path.home() / ".cache" / "lorapipe" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}")
+    for name in list(os.environ):
+        if name.startswith(("LORAPIPE_", "GIT_", "DVC_", "XDG_", "HF_")):
+            del os.environ[name]
+    root = Path(tempfile.mkdtemp(prefix="lorapipe-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    home = root / "home"
+    home.mkdir()
+    (root / "gitconfig").write_text("")
+    os.environ.update(
+        HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        LORAPIPE_LLAMA_CPP=str(Path(llama_cpp).resolve()),
+        GIT_CONFIG_GLOBAL=str(root / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
+        GIT_AUTHOR_NAME="lorapipe tests", GIT_AUTHOR_EMAIL="tests@lorapipe.invalid",
+        GIT_COMMITTER_NAME="lorapipe tests", GIT_COMMITTER_EMAIL="tests@lorapipe.invalid",
+        DVC_NO_ANALYTICS="1", DVC_GLOBAL_CONFIG_DIR=str(root / "dvc-global"),
+        DVC_SYSTEM_CONFIG_DIR=str(root / "dvc-system"), DVC_SITE_CACHE_DIR=str(root / "dvc-site-cache"),
+        HF_HOME=str(home / ".cache/huggingface"), HF_MODULES_CACHE=str(root / "hf-modules"),
+        # Offline by design (the Makefile says so too): no test reaches a model hub.
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    )
+    return root
+
+
+HERMETIC_ROOT = _hermetic_environment()
+
+# A lorapipe command as a child process, and its environment: the run's own (above), one thread each so
+# that a test's processes do not compete for the CPUs with one another.
+LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _empty_working_directory():
+    """Every test starts in an empty folder of its own run, not the checkout: a command that reads
+    ./params.yaml (chat, serve, ui, package) or writes models/ must be given them by its test."""
+    cwd = HERMETIC_ROOT / "cwd"
+    cwd.mkdir(exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(cwd)
+    yield cwd
+    os.chdir(previous)
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(_empty_working_directory, tmp_path_factory, monkeypatch):
+    """And each test its own empty folder, so that what one test leaves in its working directory
+    no other test sees, whatever the order."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it), so parallel or repeated runs never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(*args, cwd) -> str:
+    """Run git in `cwd` under the run's own config and author (see _hermetic_environment); its stdout."""
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
 SOURCE_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "sources"
 
 

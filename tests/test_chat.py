@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CHILD_ENV, LORAPIPE
 from lorapipe import cli
 from lorapipe.chat import Conversation, GGUFBackend, HFBackend, Sampling, interactive
 
-LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 ANSWER = "Hello world!"
 GREEDY = Sampling(max_new_tokens=24, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 DEFAULTS = Sampling(max_new_tokens=512, temperature=0.7, top_p=0.8, repetition_penalty=1.1, seed=1)
@@ -55,7 +54,7 @@ def test_one_shot_prompt_prints_only_the_answer(tiny_gguf):
     quantized file, as `lorapipe chat` runs by default."""
     _, quantized = tiny_gguf("scripted", quant="Q4_K_M")
     proc = subprocess.run([*LORAPIPE, "chat", "--model", str(quantized), "--prompt", "How are you?"],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+                          capture_output=True, text=True, env=CHILD_ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ANSWER + "\n"
 
@@ -115,7 +114,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(backend, tiny_gguf):
     # Ctrl-C as a terminal delivers it: a suite started in the background by a non-interactive shell
     # inherits SIGINT ignored, and Python keeps an ignored SIGINT, so the child gets the default back.
     proc = subprocess.Popen([*LORAPIPE, "chat", "--backend", backend, "--model", str(model), "--max-new-tokens", "100000"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CHILD_ENV,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(b"Talk to me.\n")

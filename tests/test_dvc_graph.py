@@ -12,7 +12,7 @@ from lorapipe import params as params_mod
 
 SRC = REPO_ROOT / "src"
 PKG = SRC / "lorapipe"
-STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate")
+STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate", "package")
 
 
 def module_file(name: str) -> Path | None:
@@ -87,18 +87,15 @@ def load_stages() -> dict:
 
 def test_every_pipeline_stage_is_in_dvc_yaml_with_its_command():
     stages = load_stages()
+    assert sorted(stages) == sorted(STAGES), "dvc.yaml's stages are not the pipeline's"
     for name in STAGES:
-        if not (PKG / "stages" / f"{name}.py").exists():
-            continue  # not built yet
-        assert name in stages, f"stage {name} missing from dvc.yaml"
+        assert (PKG / "stages" / f"{name}.py").is_file(), f"stage {name}: its module src/lorapipe/stages/{name}.py is missing"
         assert stages[name]["cmd"] == f"lorapipe {name}"
 
 
 def test_code_deps_are_exactly_the_imported_modules():
     for name, stage in load_stages().items():
-        module = PKG / "stages" / f"{name}.py"
-        if not module.exists():
-            continue
+        assert (PKG / "stages" / f"{name}.py").is_file(), f"dvc.yaml stage {name} has no module"
         declared = {REPO_ROOT / d for d in stage.get("deps", []) if str(d).startswith("src/")}
         declared_files = {d for d in declared if d.suffix == ".py"}
         declared_dirs = {d for d in declared if d.is_dir()}

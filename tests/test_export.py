@@ -253,19 +253,42 @@ def test_unsupported_architecture_is_named(exported, tmp_path):
     assert not (tmp_path / "odd.gguf").exists()
 
 
+# The conversion, run for real, held at the last moment before its output is renamed into place (the
+# worst moment for a kill): the test waits for that, whatever the machine's speed, then kills it.
+_HELD_CONVERT = """
+import os, sys, time
+real_replace = os.replace
+def held_replace(src, dst, *args, **kwargs):
+    if os.path.basename(str(dst)) == os.path.basename(sys.argv[2]):
+        open(sys.argv[3], "w").close()
+        time.sleep(3600)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = held_replace
+from lorapipe.stages.convert import convert
+convert(sys.argv[1], sys.argv[2])
+"""
+
+
 def test_killed_conversion_leaves_no_output(exported, tmp_path):
-    """kill -9 of a running `convert` (and its converter child): nothing appears at the output path."""
+    """kill -9 of `convert` (its whole process group) with the converted GGUF written but not yet renamed:
+    nothing appears at the output path."""
     merged, _, _ = exported
     out = tmp_path / "model-f16.gguf"
-    code = f"from lorapipe.stages.convert import convert; convert({str(merged)!r}, {str(out)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.stat().st_size > 0 for p in tmp_path.glob(".model-f16.gguf.*")):
-        assert proc.poll() is None, "conversion ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    held = tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_CONVERT, str(merged), str(out), str(held)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"conversion exited ({proc.returncode}) before its output was complete: {proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "conversion did not finish writing in 5 min"
+            time.sleep(0.05)
+        partial = [p for p in tmp_path.glob(".model-f16.gguf.*") if p.stat().st_size > 0]
+        assert partial, "the complete GGUF is not in a temporary sibling"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not out.exists()
 
 

@@ -66,12 +66,23 @@ def evaluate_with(root, quant: str):
 
 
 def test_requantizing_to_the_base_files_type_is_caught_and_explained(finetuned_from_a_q4_file):
-    with pytest.raises(LorapipeError) as err:
-        evaluate_with(finetuned_from_a_q4_file, "q4_k_m")
+    """Stage evaluate as `dvc repro` runs it: the gate fails naming the cause, and the stage writes none
+    of its outputs (a failed gate must not leave metrics that look like a finished run)."""
+    from lorapipe.stages import evaluate, quantize
+
+    root = finetuned_from_a_q4_file
+    outputs = [root / evaluate.METRICS, root / evaluate.PLOT, root / evaluate.SAMPLES]
+    for path in outputs:
+        path.unlink(missing_ok=True)
+    with contextlib.chdir(root):
+        quantize.quantize_file(paths.gguf_path("f16"), paths.QUANT_GGUF, "Q4_K_M")
+        p = params_mod.parse({"model": {"preset": "smollm2-135m-instruct"}, "evaluate": EVAL, "export": {"outtype": "f16"}})
+        with pytest.raises(LorapipeError) as err:
+            evaluate.run(p)
     message = str(err.value)
     assert "model-quant.gguf (Q4_K_M): the quantized model lost the fine-tune: it kept" in message
     assert "came from a quantized GGUF" in message and "q6_k or q8_0 to export.quant_candidates" in message
-    assert not (finetuned_from_a_q4_file / paths.METRICS_DIR / "eval.json").exists()
+    assert [path for path in outputs if path.exists()] == []
 
 
 def test_auto_skips_the_type_that_lost_the_fine_tune(finetuned_from_a_q4_file):

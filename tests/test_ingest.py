@@ -114,10 +114,3 @@ def test_lone_surrogate_content_is_written_back_as_its_escape(workdir):
     ingest.run(params_with({"name": "s", "type": "sharegpt", "path": "s.jsonl"}))
     (row,) = records(workdir / "data" / "raw" / "s.jsonl")
     assert row["messages"][0]["content"] == "a\ud800b"  # unchanged for `clean` to reject (invalid_unicode)
-
-
-def test_every_params_source_type_has_an_adapter():
-    from lorapipe.params import SOURCE_TYPES
-    from lorapipe.sources import adapter
-
-    assert all(callable(adapter(t).read) for t in SOURCE_TYPES)

@@ -12,61 +12,46 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, git
 from lorapipe import cli
 from lorapipe.core import templates
 from lorapipe.params import ChatParams
 from lorapipe.stages.package import default_system, flatten, modelfile, template_family
 
-GIT_ENV = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-METRICS = {
-    "data.json": {"read": 12, "kept": 10, "rejected": 2, "train": 9, "eval": 1, "dropped": {"duplicate": 2},
-                  "sources": {"support": {"read": 8, "kept": 7, "rejected": 1},
-                              "chatterbot": {"read": 4, "kept": 3, "rejected": 1}}},
-    "train.json": {"train_loss": 2.5, "eval_loss": 2.4, "eval_loss_base": 2.9, "tokens_per_s": 812.5},
-    "quantize.json": {"quant": "Q4_K_M", "choice": "auto: Q4_K_M, the first of export.quant_candidates (Q4_K_M, Q8_0), passes every gate",
-                      "size_ratio": 0.31, "tensor_types": {"Q4_K": 10, "Q6_K": 2},
-                      "candidates": [{"type": "Q4_K_M", "size_mb": 0.8, "bits_per_weight": 5.1, "argmax_agreement": 0.91,
-                                      "ppl_delta_pct": 1.5, "kld": 0.01, "kld_assistant_vs_merged": 0.02,
-                                      "finetune_kept": 0.874, "passed": True, "failures": []}]},
-    "eval.json": {"ppl_f16": 13.2, "ppl_quant": 13.6, "ppl_delta_pct": 3.0},
-}
+RUN = REPO_ROOT / "tests" / "fixtures" / "run"  # a real run's dvc.lock, metrics and params (its README)
 
 
-def git(*args, cwd):
-    return subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=True).stdout
+def read_run() -> tuple[dict, dict]:
+    """(dvc.lock, {file name: metrics}) of the fixture run, parsed here, apart from the stage's readers."""
+    metrics = {p.name: json.loads(p.read_text()) for p in sorted((RUN / "metrics").glob("*.json"))}
+    return yaml.safe_load((RUN / "dvc.lock").read_text()), metrics
 
 
 @pytest.fixture(scope="module")
-def packaged(tiny_gguf, tmp_path_factory):
-    """A checkout with what package reads (a real Q4_K_M from llama-quantize, metrics, dvc.lock),
-    committed to git, then `lorapipe package` run in it."""
+def packaged_source(tiny_gguf, tmp_path_factory):
+    """A checkout with what package reads (a real Q4_K_M from llama-quantize; the dvc.lock, metrics and
+    params.yaml of a real `dvc repro`), committed to git, then `lorapipe package` run in it.
+    Tests that change it work on their own copy (the `packaged` fixture)."""
     _, quantized = tiny_gguf("scripted", quant="Q4_K_M")
     root = tmp_path_factory.mktemp("package-repo")
     (root / "models" / "gguf").mkdir(parents=True)
     shutil.copy(quantized, root / "models/gguf/model-quant.gguf")
-    (root / "metrics").mkdir()
-    for name, obj in METRICS.items():
-        (root / "metrics" / name).write_text(json.dumps(obj))
-    shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
-    lock = {"schema": "2.0", "stages": {
-        "base": {"cmd": "lorapipe base", "params": {"params.yaml": {"model": {"source": "embedded", "preset": "smollm2-135m-instruct"}}},
-                 "outs": [{"path": "models/base", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 1000}]},
-        "ingest": {"cmd": "lorapipe ingest", "params": {"params.yaml": {"data.sources": [
-            {"name": "support", "type": "sharegpt", "path": "data/sources/support.jsonl"},
-            {"name": "chatterbot", "type": "chatterbot"}]}}, "outs": []},
-        "train": {"cmd": "lorapipe train", "params": {"params.yaml": {"lora": {"rank": 4, "alpha": 8, "dropout": 0.05, "target": "all"},
-                                                                      "train": {"lr": 0.0003, "max_steps": 4}}},
-                  "outs": [{"path": "models/adapter", "md5": "fedcba9876543210fedcba9876543210.dir", "size": 200}]},
-        "quantize": {"cmd": "lorapipe quantize", "outs": [
-            {"path": "models/gguf/model-quant.gguf", "md5": "aaaabbbbccccddddeeeeffff00001111", "size": 123}]},
-    }}
-    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    shutil.copytree(RUN / "metrics", root / "metrics")
+    for name in ("params.yaml", "dvc.lock"):
+        shutil.copy(RUN / name, root / name)
     git("init", "-q", cwd=root)
     git("add", "-A", cwd=root)
     git("commit", "-qm", "pipeline", cwd=root)
     with contextlib.chdir(root):
         assert cli.main(["package"]) == 0
+    return root
+
+
+@pytest.fixture
+def packaged(packaged_source, tmp_path):
+    """A copy of the packaged checkout (its .git included) for this test alone."""
+    root = tmp_path / "package-repo"
+    shutil.copytree(packaged_source, root, symlinks=True)
     return root
 
 
@@ -87,28 +72,48 @@ def test_modelfile_for_ollama(packaged):
 
 
 def test_model_card_has_provenance_data_params_metrics_and_usage(packaged):
+    """Every figure the card shows is checked against the real dvc.lock and metrics it was built from."""
+    lock, metrics = read_run()
     card = (packaged / "models/README.md").read_text()
     assert card.startswith("---\nbase_model: ")
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card
-    assert "| support | sharegpt | 8 | 7 | 1 |" in card and "| chatterbot | chatterbot | 4 | 3 | 1 |" in card
-    assert "| lora.rank | 4 |" in card and "| train.lr | 0.0003 |" in card  # as dvc.lock recorded them
-    for name, obj in METRICS.items():  # every metric, flattened (quantize's candidates as their own table)
+    stages = lock["stages"]
+    declared = stages["ingest"]["params"]["params.yaml"]["data.sources"]
+    counts = metrics["data.json"]["sources"]
+    assert {s["name"] for s in declared} == set(counts)
+    for source in declared:
+        c = counts[source["name"]]
+        assert f"| {source['name']} | {source['type']} | {c['read']} | {c['kept']} | {c['rejected']} |" in card
+    recorded = stages["train"]["params"]["params.yaml"]
+    for section in ("lora", "train"):  # as dvc.lock recorded them
+        for key, value in recorded[section].items():
+            shown = "`null`" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+            assert f"| {section}.{key} | {shown} |" in card, (section, key)
+    for name, obj in metrics.items():  # every metric, flattened (quantize's candidates as their own table)
         assert f"### metrics/{name}" in card
         for key, _ in flatten({k: v for k, v in obj.items() if k != "candidates"}):
             assert f"| {key} |" in card, key
+    quant = metrics["quantize.json"]
     assert "quantized to **Q4_K_M**" in card and "| export.quant | auto |" in card
-    assert "## Quantization\n\nauto: Q4_K_M, the first of export.quant_candidates" in card
-    assert "| Q4_K_M | 0.8 | 5.10 | 0.910 | +1.50 | 0.874 | yes |" in card
+    assert f"## Quantization\n\n{quant['choice']}\n" in card
+    for c in quant["candidates"]:
+        row = (f"| {c['type']} | {c['size_mb']:.1f} | {c['bits_per_weight']:.2f} | {c['argmax_agreement']:.3f} | "
+               f"{c['ppl_delta_pct']:+.2f} | {c['finetune_kept']:.3f} | {'yes' if c['passed'] else 'no'} |")
+        assert row in card, row
     head = git("rev-parse", "HEAD", cwd=packaged).strip()
     assert f"git commit: `{head}`" in card and "uncommitted" not in card
-    assert "fedcba9876543210fedcba9876543210.dir" in card and "aaaabbbbccccddddeeeeffff00001111" in card
+    outs = [(stage, out) for stage, entry in stages.items() if stage != "package" for out in entry.get("outs") or []]
+    assert outs
+    for stage, out in outs:
+        assert f"| {stage} | {out['path']} | {out['md5']} | {out['size']} |" in card, out["path"]
     for usage in ("lorapipe chat", "lorapipe serve", "/v1/chat/completions", "ollama create", "ollama run"):
         assert usage in card
 
 
 def test_card_notes_uncommitted_changes(packaged):
     (packaged / "dvc.lock").write_text((packaged / "dvc.lock").read_text() + "\n")  # rewritten by every repro
-    (packaged / "metrics" / "eval.json").write_text(json.dumps({**METRICS["eval.json"], "ppl_f16": 13.3}))
+    eval_json = packaged / "metrics" / "eval.json"
+    eval_json.write_text(json.dumps({**json.loads(eval_json.read_text()), "ppl_quant": 13.3}))
     (packaged / "params.yaml").write_text((packaged / "params.yaml").read_text() + "\n# edited\n")
     with contextlib.chdir(packaged):
         assert cli.main(["package"]) == 0
@@ -133,7 +138,7 @@ def test_untranslatable_template_or_missing_gguf_is_a_clear_error(tmp_path, monk
     with pytest.raises(Exception, match="neither ChatML"):
         template_family(llama3)
     monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(RUN / "params.yaml", tmp_path / "params.yaml")
     assert cli.main(["package"]) == 2
     assert "models/gguf/model-quant.gguf: quantized GGUF not found" in capsys.readouterr().err
     assert not (tmp_path / "models" / "README.md").exists()
@@ -148,7 +153,8 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain to run Ollama's template engine (text/template)")
+@pytest.mark.skipif(shutil.which("go") is None, reason="no `go` on PATH: needs a Go toolchain to run Ollama's template "
+                    "engine (text/template); `make setup-browser` (run by `make test`) installs Debian's golang-go as root")
 @pytest.mark.parametrize("name", ["chatml", "qwen", "gemma"])
 def test_go_template_renders_exactly_like_the_jinja_template(name, tmp_path):
     """The Modelfile TEMPLATE + SYSTEM, run through Go's text/template as Ollama feeds it

@@ -1,9 +1,11 @@
 """params.yaml is loaded once into a typed object; bad keys fail naming the key and a suggestion."""
 
+import inspect
+
 import pytest
 
 from lorapipe import params
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SOURCE_FIXTURES
 
 
 def test_repo_params_yaml_loads_with_every_section():
@@ -66,7 +68,13 @@ def test_every_source_type_has_its_adapter_module():
     from lorapipe import sources
 
     for source_type in params.SOURCE_TYPES:
-        assert callable(sources.adapter(source_type).read)
+        module = sources.adapter(source_type)
+        assert module.__name__ == f"lorapipe.sources.{source_type}"
+        read = inspect.signature(module.read)
+        assert list(read.parameters)[0] == "ctx", f"{source_type}: read(ctx, ...) is the adapters' interface"
+        # each adapter is run for real on a file in its data set's release format
+        assert (SOURCE_FIXTURES / source_type).is_dir(), f"no tests/fixtures/sources/{source_type}/"
+        assert (REPO_ROOT / "tests" / f"test_sources_{source_type}.py").is_file(), f"no tests/test_sources_{source_type}.py"
     with pytest.raises(ValueError, match="unknown source type"):
         sources.adapter("_common")
 

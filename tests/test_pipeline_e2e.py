@@ -80,9 +80,8 @@ def copy_project_for_pipeline(parent: Path, tiny_model) -> tuple[Path, dict]:
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir), allow_unicode=True, sort_keys=False))
     # the local checkpoint folder is an input of base, listed in dvc.yaml as a user lists theirs (docs/inputs.md)
     assert add_deps("base", [Input(model_dir, "model.source")], root) == [str(model_dir)]
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", PYTHONPATH=str(root / "src"),
-               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    # git's author and config, DVC's and HF's settings come from the run's environment (conftest)
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", PYTHONPATH=str(root / "src"))
     run(["git", "init", "-q"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "copy"], root, env)
@@ -96,7 +95,20 @@ def pipeline(tmp_path_factory, tiny_model):
     ran = stages_run(first.stdout)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "first repro"], root, env)
-    return {"root": root, "env": env, "first": ran}
+    commit = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    return {"root": root, "env": env, "first": ran, "commit": commit}
+
+
+@pytest.fixture
+def fresh(pipeline):
+    """The pipeline repository as its first repro left it, whatever other tests did to it before:
+    the committed files, the outputs dvc.lock names, no experiments, no remote."""
+    root, env = pipeline["root"], pipeline["env"]
+    # no `git clean`: train's models/checkpoints is an empty folder DVC neither caches nor ignores
+    run(["git", "reset", "-q", "--hard", pipeline["commit"]], root, env)
+    run(["dvc", "exp", "remove", "--all-commits"], root, env, check=False)
+    run(["dvc", "checkout", "--force"], root, env)
+    return pipeline
 
 
 def repro(pipeline, *targets) -> list[str]:
@@ -114,31 +126,44 @@ def set_param(pipeline, dotted: str, value) -> None:
     path.write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
 
 
-def test_first_repro_runs_every_stage_and_second_runs_nothing(pipeline):
-    expected = [s for s in STAGES if s in yaml.safe_load((pipeline["root"] / "dvc.yaml").read_text())["stages"]]
-    assert sorted(pipeline["first"]) == sorted(expected)
-    assert repro(pipeline) == []
+def test_first_repro_runs_every_stage_and_second_runs_nothing(fresh):
+    assert sorted(fresh["first"]) == sorted(STAGES)
+    assert repro(fresh) == []
 
 
-def test_clean_param_reruns_clean_only_upstream(pipeline):
-    set_param(pipeline, "data.clean.max_tokens", 2047)
-    ran = repro(pipeline)
+def test_model_card_holds_what_the_real_dvc_lock_recorded(fresh):
+    """Stage package read the dvc.lock that DVC itself wrote during the repro: the card's params and
+    artifact hashes are those of the lock, not of params.yaml."""
+    root = fresh["root"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    card = (root / "models/README.md").read_text()
+    outs = [(stage, out) for stage, entry in lock.items() if stage != "package" for out in entry.get("outs") or []]
+    assert {stage for stage, _ in outs} == set(STAGES) - {"package"}
+    for stage, out in outs:
+        assert f"| {stage} | {out['path']} | {out['md5']} | {out['size']} |" in card, out["path"]
+    lora = lock["train"]["params"]["params.yaml"]["lora"]
+    assert lora["rank"] == 4 and "| lora.rank | 4 |" in card
+
+
+def test_clean_param_reruns_clean_only_upstream(fresh):
+    set_param(fresh, "data.clean.max_tokens", 2047)
+    ran = repro(fresh)
     assert "clean" in ran and not {"base", "ingest"} & set(ran)
 
 
-def test_source_edit_reruns_ingest_and_clean(pipeline):
-    src = pipeline["root"] / "data/sources/support.jsonl"
+def test_source_edit_reruns_ingest_and_clean(fresh):
+    src = fresh["root"] / "data/sources/support.jsonl"
     row = {"messages": [{"role": "user", "content": "I failed my driving test again."},
                         {"role": "assistant", "content": "That is disappointing. Many people need a few tries; what felt hardest?"}]}
     with open(src, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    assert repro(pipeline, "clean") == ["ingest", "clean"]
+    assert repro(fresh, "clean") == ["ingest", "clean"]
 
 
-def test_stage_module_edit_reruns_that_stage_only(pipeline):
-    module = pipeline["root"] / "src/lorapipe/stages/clean.py"
+def test_stage_module_edit_reruns_that_stage_only(fresh):
+    module = fresh["root"] / "src/lorapipe/stages/clean.py"
     module.write_text(module.read_text() + "\n# edited\n")
-    assert repro(pipeline, "clean") == ["clean"]
+    assert repro(fresh, "clean") == ["clean"]
 
 
 def changed_stages(pipeline) -> set[str]:
@@ -146,9 +171,8 @@ def changed_stages(pipeline) -> set[str]:
     return set(json.loads(out or "{}"))
 
 
-def test_core_module_edit_reruns_exactly_its_importers(pipeline):
-    repro(pipeline)
-    root = pipeline["root"]
+def test_core_module_edit_reruns_exactly_its_importers(fresh):
+    root = fresh["root"]
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     core = root / "src/lorapipe/core/io.py"
     importers = {name for name, st in stages.items() if "src/lorapipe/core/io.py" in st.get("deps", [])}
@@ -156,10 +180,10 @@ def test_core_module_edit_reruns_exactly_its_importers(pipeline):
     original = core.read_text()
     core.write_text(original + "\n# edited\n")
     try:
-        assert changed_stages(pipeline) == importers
+        assert changed_stages(fresh) == importers
     finally:
         core.write_text(original)
-    assert changed_stages(pipeline) == set()
+    assert changed_stages(fresh) == set()
 
 
 def leaf_keys(node, prefix=""):
@@ -191,11 +215,10 @@ def owner(key: str) -> set[str]:
     return OWNER[best]
 
 
-def test_every_params_key_marks_exactly_its_stages(pipeline):
-    repro(pipeline)
-    path = pipeline["root"] / "params.yaml"
+def test_every_params_key_marks_exactly_its_stages(fresh):
+    path = fresh["root"] / "params.yaml"
     original = path.read_text()
-    defined = set(yaml.safe_load((pipeline["root"] / "dvc.yaml").read_text())["stages"])
+    defined = set(STAGES)
     table = {}
     try:
         for key in leaf_keys(yaml.safe_load(original)):
@@ -206,29 +229,27 @@ def test_every_params_key_marks_exactly_its_stages(pipeline):
                 node = node[part]
             node[leaf] = "__changed__" if not isinstance(node[leaf], (int, float)) or isinstance(node[leaf], bool) else node[leaf] + 1
             path.write_text(yaml.safe_dump(p, allow_unicode=True, sort_keys=False))
-            table[key] = changed_stages(pipeline)
+            table[key] = changed_stages(fresh)
     finally:
         path.write_text(original)
     wrong = {k: (sorted(v), sorted(owner(k) & defined)) for k, v in table.items() if v != owner(k) & defined}
     assert not wrong, f"params key -> (stages marked changed, expected): {wrong}"
 
 
-def test_quant_change_reruns_quantize_and_downstream_only(pipeline):
-    repro(pipeline)
-    set_param(pipeline, "export.quant", "q8_0")
-    ran = repro(pipeline)
+def test_quant_change_reruns_quantize_and_downstream_only(fresh):
+    set_param(fresh, "export.quant", "q8_0")
+    ran = repro(fresh)
     assert "quantize" in ran and not {"base", "ingest", "clean", "train", "merge", "convert"} & set(ran)
     # the same path holds the new type; evaluate and package follow because the file changed
-    assert gguf_meta.file_type(pipeline["root"] / "models/gguf/model-quant.gguf") == "Q8_0"
+    assert gguf_meta.file_type(fresh["root"] / "models/gguf/model-quant.gguf") == "Q8_0"
     assert {"evaluate", "package"} <= set(ran)
-    assert json.loads((pipeline["root"] / "metrics/quantize.json").read_text())["choice"].startswith("export.quant: Q8_0")
+    assert json.loads((fresh["root"] / "metrics/quantize.json").read_text())["choice"].startswith("export.quant: Q8_0")
 
 
-def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):
-    root, env = pipeline["root"], pipeline["env"]
-    repro(pipeline)
+def test_exp_run_rank_reruns_train_and_downstream_not_data(fresh):
+    root, env = fresh["root"], fresh["env"]
     run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "before experiment"], root, env)
+    run(["git", "commit", "-qm", "before experiment", "--allow-empty"], root, env)
     out = run(["dvc", "exp", "run", "-S", "lora.rank=8"], root, env).stdout
     try:
         ran = stages_run(out)
@@ -238,16 +259,15 @@ def test_exp_run_rank_reruns_train_and_downstream_not_data(pipeline):
         diff = run(["dvc", "metrics", "diff", "--json"], root, env).stdout
         assert "metrics/train.json" in diff
     finally:
-        # `dvc exp run` leaves the workspace at the experiment's params and results; later tests
-        # start from the committed rank 4 (a leftover rank 8 was once committed by the sweep test).
+        # `dvc exp run` leaves the workspace at the experiment's params and results: put it back, so
+        # that a failure here shows as this test's alone (the `fresh` fixture resets it for the next).
         run(["git", "checkout", "--", "."], root, env)
         run(["dvc", "checkout", "--force"], root, env)
 
 
-def test_queued_sweep_shows_each_experiment_and_metrics_diff_has_its_values(pipeline):
+def test_queued_sweep_shows_each_experiment_and_metrics_diff_has_its_values(fresh):
     """README's sweep commands (on three ranks): queue them, run the queue, show and compare them."""
-    root, env = pipeline["root"], pipeline["env"]
-    repro(pipeline)
+    root, env = fresh["root"], fresh["env"]
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "before sweep", "--allow-empty"], root, env)
     assert yaml.safe_load((root / "params.yaml").read_text())["lora"]["rank"] == 4
@@ -293,9 +313,8 @@ def test_queued_sweep_shows_each_experiment_and_metrics_diff_has_its_values(pipe
         run(["dvc", "checkout", "--force"], root, env)
 
 
-def test_push_pull_through_a_local_remote(pipeline, tmp_path):
-    root, env = pipeline["root"], pipeline["env"]
-    repro(pipeline)
+def test_push_pull_through_a_local_remote(fresh, tmp_path):
+    root, env = fresh["root"], fresh["env"]
     run(["dvc", "remote", "add", "-f", "-d", "local", str(tmp_path / "remote")], root, env)
     run(["dvc", "push"], root, env)
     gguf = sorted((root / "models/gguf").glob("*.gguf"))
@@ -309,4 +328,4 @@ def test_push_pull_through_a_local_remote(pipeline, tmp_path):
     run(["dvc", "pull"], root, env)
     assert gguf[0].read_bytes() == digest
     assert (root / "models/adapter").is_dir() and (root / "models/base/config.json").is_file()
-    assert repro(pipeline) == []
+    assert repro(fresh) == []

@@ -12,17 +12,9 @@ import time
 import pytest
 import requests
 
-from conftest import REPO_ROOT
+from conftest import CHILD_ENV, LORAPIPE, REPO_ROOT, free_port
 from lorapipe import cli
 
-LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -38,7 +30,7 @@ def start(gguf, port: int) -> tuple[subprocess.Popen, int]:
     # SIGINT's default disposition, as under a terminal: a suite started in the background by a
     # non-interactive shell inherits it ignored, and Python keeps an ignored SIGINT.
     proc = subprocess.Popen([*LORAPIPE, "serve", "--model", str(gguf), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=CHILD_ENV,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()  # blocks until ready (or exit: then the line is empty)
     assert "ready" in line, f"serve did not come up (exit code {proc.poll()})"
@@ -104,7 +96,7 @@ def test_bad_requests_are_answered_and_the_server_survives(tiny_gguf):
     negative max_tokens, a client that disconnects mid-stream; then a normal request."""
     _, gguf = tiny_gguf("scripted", quant="Q4_K_M")
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks/serve_load.py"), "--bad-only", "--model", str(gguf),
-                           "--ctx", "256"], capture_output=True, text=True, env=ENV, timeout=300)
+                           "--ctx", "256"], capture_output=True, text=True, env=CHILD_ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert len(lines) == 9 and all(line.startswith("  ok ") for line in lines), proc.stdout

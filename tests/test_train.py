@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import shutil
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CHILD_ENV, free_port
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import ParamsError, parse
 
@@ -168,9 +169,10 @@ def test_stage_writes_adapter_metrics_and_plots(trained):
     metrics = json.loads((root / "metrics/train.json").read_text())
     for key in ("train_loss", "eval_loss", "eval_ppl", "eval_loss_base", "train_tokens_per_s", "runtime_s",
                 "trainable_params", "total_params", "steps", "train_rows", "eval_rows"):
-        assert metrics[key] is not None, key
+        value = metrics[key]  # each a measured figure: a finite positive number, not a placeholder
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0, (key, value)
     assert metrics["steps"] == 4 and metrics["train_rows"] == 24 and metrics["eval_rows"] == 4
-    assert abs(metrics["eval_ppl"] - __import__("math").exp(metrics["eval_loss"])) < 1e-2 * metrics["eval_ppl"]
+    assert abs(metrics["eval_ppl"] - math.exp(metrics["eval_loss"])) < 1e-2 * metrics["eval_ppl"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     # lr 1e-3 on a repeated pattern: the tiny model does learn
     assert metrics["eval_loss"] < metrics["eval_loss_base"]
@@ -378,7 +380,7 @@ _RUN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_resume_after_kill_9_ends_with_the_same_adapter(tiny_model, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = CHILD_ENV
     script = tmp_path / "run.py"
     script.write_text(_RUN)
     model = tiny_model("llama")
@@ -407,11 +409,11 @@ def test_two_process_ddp_run_writes_a_loadable_adapter(tiny_model, tmp_path):
 
     root = _workdir(tmp_path / "ddp", tiny_model("llama"), _rows(16), _rows(4))
     (root / "params.yaml").write_text("train:\n  max_steps: 3\n  batch_size: 2\n  save_steps: 2\n  logging_steps: 1\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = CHILD_ENV
     # torchrun: on a CPU-only machine `accelerate launch --num_processes 2` starts one process (its
     # MULTI_CPU mode goes through mpirun); torchrun starts two, and Trainer picks gloo for them.
     launcher = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", "29517", "-m", "lorapipe", "train"],
+    proc = subprocess.run([str(launcher), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "lorapipe", "train"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((root / "metrics/train.json").read_text())

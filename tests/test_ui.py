@@ -1,36 +1,49 @@
 """`lorapipe ui`: the real page, real llama-servers on two tiny GGUFs, driven by a real headless Chromium.
 
 The two models are scripted (conftest.build_scripted_model) to answer differently, so the test can
-tell the compare panes apart: A says "Hi there!", B says "Hello world!". The run page reads this
-checkout's committed metrics, as on a clone that pulled only those.
+tell the compare panes apart: A says "Hi there!", B says "Hello world!". The ui runs in a project of
+its own: a git + DVC repository holding a real run's metrics and loss curves (tests/fixtures/run), as
+a clone that pulled only those, so the Run tab and `dvc exp show` read what the test set up.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
+import yaml
 
-from conftest import REPO_ROOT, build_scripted_model
+from conftest import CHILD_ENV, LORAPIPE, REPO_ROOT, build_scripted_model, free_port, git
 
-LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 SCRIPT_A = ("Hi", "Ġthere", "!")
 
 
-def free_port() -> int:
-    import socket
+RUN = REPO_ROOT / "tests" / "fixtures" / "run"
+DVC = str(Path(sys.executable).with_name("dvc"))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A committed git + DVC repository with a real run's params, metrics and dvclive curves, its
+    metrics declared in dvc.yaml so that `dvc exp show` reports them."""
+    root = tmp_path_factory.mktemp("ui-project")
+    for name in ("metrics", "dvclive"):
+        shutil.copytree(RUN / name, root / name)
+    shutil.copy(RUN / "params.yaml", root / "params.yaml")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"metrics": [f"metrics/{n}.json" for n in ("train", "eval")],
+                                                   "params": ["params.yaml"]}))
+    git("init", "-q", cwd=root)
+    subprocess.run([DVC, "init", "-q"], cwd=root, check=True, capture_output=True, env=CHILD_ENV)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "a run", cwd=root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -46,36 +59,48 @@ def two_models(smollm2_tokenizer_dir, tiny_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(two_models):
-    """A running `lorapipe ui` (from the repository root, so its Run tab reads the committed metrics)."""
+def ui(two_models, project):
+    """A running `lorapipe ui` in the project (its Run tab reads the project's metrics), default host."""
     a, b = two_models
     port = free_port()
     proc = subprocess.Popen([*LORAPIPE, "ui", "--model", str(b), "--compare", str(a), "--port", str(port)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
     line = proc.stdout.readline()  # blocks until ready (or exit: then the line is empty)
     if "ready" not in line:
         proc.kill()
         pytest.fail(f"ui did not come up (exit code {proc.poll()}): {proc.stderr.read()[-2000:]}")
-    yield f"http://127.0.0.1:{port}", proc
+    yield f"http://127.0.0.1:{port}", proc, port
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "stopped" in out
 
 
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """The local addresses process `pid` listens on at `port`, as the kernel reports them."""
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def test_listens_on_loopback_by_default_and_serves_the_page_and_run(ui):
-    base, _ = ui
+    base, proc, port = ui
+    assert listening_addresses(proc.pid, port) == {"127.0.0.1"}
     page = requests.get(base + "/", timeout=10)
     assert page.status_code == 200 and "<nav>" in page.text
     info = requests.get(base + "/api/info", timeout=10).json()
     assert info["models"]["a"]["name"] == "model-a-f16.gguf"
     run = requests.get(base + "/run", timeout=90).text
-    for heading in ("rows by source", "Variants", "Gates", "Experiments"):
+    for heading in ("rows by source", "Variants", "Gates"):
         assert heading in run
     assert "<svg" in run  # the loss curve from dvclive's TSV
+    # the table of `dvc exp show --json` run in the project (its fallback line also says "Experiments")
+    assert "Experiments (dvc exp show)" in run, run[run.find("Experiments"):][:500]
+    eval_loss = json.loads((RUN / "metrics/train.json").read_text())["eval_loss"]
+    exps = run[run.find("Experiments (dvc exp show)"):]
+    assert f">{eval_loss:.4g}<" in exps  # the run's eval loss, as dvc reported it (the page's 4 digits)
 
 
 def test_api_streams_and_refuses_bad_requests(ui):
-    base, _ = ui
+    base, _, _ = ui
     with requests.post(base + "/api/chat", json={"model": "a", "messages": [{"role": "user", "content": "hi"}],
                                                  "temperature": 0, "max_tokens": 16}, stream=True, timeout=60) as r:
         assert r.status_code == 200
@@ -112,7 +137,7 @@ def test_compare_and_chat_stream_in_a_real_browser(ui, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    base, _ = ui
+    base, _, _ = ui
     drv = browser()
     try:
         drv.get(base + "/")
