@@ -30,7 +30,8 @@ def _hermetic_environment() -> Path:
     A test's outcome must depend only on what it sets up, not on the developer's machine: so a fresh
     HOME (no ~/.gitconfig with signing or hooks, no ~/.cache/huggingface where remote code would be
     copied, no DVC or git global config), git's system config off, a fixed author, and no inherited
-    LORAPIPE_*, GIT_*, DVC_*, XDG_* or HF_* variables. The one thing kept from the machine is where its llama.cpp
+    LORAPIPE_*, GIT_*, DVC_*, XDG_*, HF_* or LLAMA_* variables, nor OPENAI_API_KEY (which `lorapipe serve`
+    takes as its key). The one thing kept from the machine is where its llama.cpp
     build is (LORAPIPE_LLAMA_CPP, resolved as core/llamacpp.py does, from the real HOME), because
     building it is `make setup`'s job, not each test run's."""
     from lorapipe.core.llamacpp import LLAMA_CPP_PYTHON_VERSION
@@ -38,7 +39,7 @@ def _hermetic_environment() -> Path:
     llama_cpp = os.environ.get("LORAPIPE_LLAMA_CPP") or str(
         Path.home() / ".cache" / "lorapipe" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}")
     for name in list(os.environ):
-        if name.startswith(("LORAPIPE_", "GIT_", "DVC_", "XDG_", "HF_")):
+        if name.startswith(("LORAPIPE_", "GIT_", "DVC_", "XDG_", "HF_", "LLAMA_")) or name == "OPENAI_API_KEY":
             del os.environ[name]
     root = Path(tempfile.mkdtemp(prefix="lorapipe-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
