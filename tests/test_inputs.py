@@ -99,7 +99,8 @@ def test_a_local_path_that_does_not_exist_is_an_error_never_a_hub_lookup(tmp_pat
 
 
 # ------------------------------------------------------------------------------- the dvc.yaml check
-def test_default_params_need_no_extra_dep():
+def test_default_params_need_no_extra_dep(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # params.yaml's sources are read where they are (nothing is written)
     p = parse({})  # defaults: the embedded model; params.yaml's own sources are checked below
     check_declared("base", base.inputs(p), REPO_ROOT)
     from lorapipe.params import load
