@@ -195,7 +195,8 @@ def leaf_keys(node, prefix=""):
 
 
 # Which stage each params key belongs to (the most specific prefix wins). A key that is in no
-# stage's params reruns nothing (chat and serve are read by package's model card only; ui by no stage).
+# stage's params reruns nothing (chat, serve.host and serve.port are read by package's model card only;
+# the rest of serve and ui by no stage).
 OWNER = {
     "model": {"base"}, "data.sources": {"ingest"}, "data.clean": {"clean"}, "data.split": {"clean"},
     "train": {"train"}, "lora": {"train"}, "merge": {"merge"},
@@ -206,7 +207,8 @@ OWNER = {
     "model.trust_remote_code": {"base", "train", "merge", "convert", "quantize", "evaluate"},
     "evaluate": {"evaluate"}, "evaluate.ctx": {"quantize", "evaluate"}, "evaluate.max_chunks": {"quantize", "evaluate"},
     "evaluate.max_ppl_delta_pct": {"quantize", "evaluate"}, "evaluate.min_finetune_kept": {"quantize", "evaluate"},
-    "chat": {"package"}, "serve": {"package"}, "ui": set(), "package": {"package"},
+    "chat": {"package"}, "serve": set(), "serve.host": {"package"}, "serve.port": {"package"}, "ui": set(),
+    "package": {"package"},
 }
 
 
