@@ -96,6 +96,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def headless_chromium():
+    """A headless Chromium through chromium-driver (Debian packages), or skip saying what is missing."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no chromium/chromedriver on PATH (`make setup-browser` installs them as root)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (make setup)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+
+
 def git(*args, cwd) -> str:
     """Run git in `cwd` under the run's own config and author (see _hermetic_environment); its stdout."""
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout

@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import CHILD_ENV, LORAPIPE, REPO_ROOT, build_scripted_model, free_port, git
+from conftest import CHILD_ENV, LORAPIPE, REPO_ROOT, build_scripted_model, free_port, git, headless_chromium
 
 SCRIPT_A = ("Hi", "Ġthere", "!")
 
@@ -116,29 +116,12 @@ def test_api_streams_and_refuses_bad_requests(ui):
     assert requests.get(base + "/nope", timeout=10).status_code == 404
 
 
-def browser():
-    """A headless Chromium through chromium-driver (Debian packages), or skip saying what is missing."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("no chromium/chromedriver on PATH (`make setup-browser` installs them as root)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (make setup)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
-
-
 def test_compare_and_chat_stream_in_a_real_browser(ui, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, _, _ = ui
-    drv = browser()
+    drv = headless_chromium()
     try:
         drv.get(base + "/")
         wait = WebDriverWait(drv, 60)

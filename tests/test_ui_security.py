@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, headless_chromium
 from lorapipe import ui as ui_mod
 
 LORAPIPE = [sys.executable, "-m", "lorapipe.cli"]
@@ -333,24 +333,6 @@ def test_allow_host_must_be_a_name(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ a real browser
-def browser():
-    import shutil
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("no chromium/chromedriver on PATH (`make setup-browser` installs them as root)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (make setup)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
-
-
 ATTACK_PAGE = """<!doctype html><meta charset=utf-8><body><script>
 const ui = "UI";
 async function attempt(name, call) {
@@ -388,7 +370,7 @@ def test_a_page_of_another_origin_cannot_use_the_ui_in_chromium(ui):
 
     attacker = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)  # another origin: another port of loopback
     threading.Thread(target=attacker.serve_forever, daemon=True).start()
-    drv = browser()
+    drv = headless_chromium()
     try:
         drv.get(f"http://localhost:{attacker.server_address[1]}/")
         WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
