@@ -79,6 +79,11 @@ def alpaca_messages(obj: dict, columns: dict) -> list[dict]:
     return messages
 
 
+def _file_name(entry: dict):
+    """An entry's data path: `file_name`, or `file` as the seed's hand-written registry spells it."""
+    return entry.get("file_name", entry.get("file"))
+
+
 def _load_info(ctx: Context) -> tuple[Path, dict]:
     info_path = ctx.existing(ctx.source.dataset_info, "dataset_info")
     info = load_json(info_path)
@@ -95,7 +100,7 @@ def _entry(ctx: Context, info_path: Path, info: dict, name: str) -> tuple[list[P
     entry = info[name]
     if not isinstance(entry, dict):
         raise LorapipeError(f"{where}: must be an object")
-    file_name = entry.get("file_name", entry.get("file"))
+    file_name = _file_name(entry)
     if not file_name:
         remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry]
         what = f"has {remote[0]!r} but " if remote else ""
@@ -151,7 +156,7 @@ def inputs(ctx: Context) -> list[Input]:
     found = [Input(info_path, f"{ctx.key}.dataset_info")]
     for name in ctx.source.datasets:
         files = _entry(ctx, info_path, info, name)[0]
-        target = info_path.parent / info[name].get("file_name", info[name].get("file"))
+        target = info_path.parent / _file_name(info[name])
         found += [Input(target, f"{ctx.key}.datasets: {name}")] if target.is_dir() else [
             Input(f, f"{ctx.key}.datasets: {name}") for f in files]
     return found
