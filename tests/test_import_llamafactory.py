@@ -158,3 +158,53 @@ def test_template_without_equivalent_is_explained(tmp_path, capsys):
     imp = convert(f, None, str(INFO))
     assert imp.sections()["model"]["chat_template"] is None
     assert any("llama2" in w and "chat_template.jinja" in w for w in imp.report.warnings)
+
+
+def test_write_lists_the_checkpoint_and_data_as_deps_in_dvc_yaml(tmp_path, capsys):
+    """--write also names the YAML's local checkpoint folder and dataset files as deps of base and
+    ingest, the lines those stages otherwise refuse to run without; a second --write adds none."""
+    from lorapipe.core.inputs import declared_deps, undeclared
+    from lorapipe.stages import base, ingest
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    src = yaml.safe_load((FIX / SEEDS["qwen"][0]).read_text())
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump({**src, "model_name_or_path": str(ckpt)}))
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO_ROOT / name, project / name)
+    target = project / "params.yaml"
+
+    assert run_cli(str(train_yaml), "--dataset-info", str(INFO), "--params", str(target), "--write") == 0
+    err = capsys.readouterr().err
+    p = params_mod.load(target)
+    assert str(ckpt) in declared_deps_text(project, "base")
+    for path in (INFO, FIX / "data" / "train_data_multi_50pct.jsonl", FIX / "data" / "merged_30pct.jsonl"):
+        assert f"added to stages.ingest.deps: {path}" in err
+    assert undeclared("base", base.inputs(p), project) == [] and undeclared("ingest", ingest.inputs(p), project) == []
+    assert "# One stage = one module" in (project / "dvc.yaml").read_text()  # its comments survive
+    deps_before = declared_deps("ingest", project)
+
+    assert run_cli(str(train_yaml), "--dataset-info", str(INFO), "--params", str(target), "--write") == 0
+    assert "added to stages" not in capsys.readouterr().err
+    assert declared_deps("ingest", project) == deps_before
+
+
+def test_write_with_a_checkpoint_not_on_this_machine_says_dvc_yaml_was_not_updated(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO_ROOT / name, project / name)
+    # the seed's model_name_or_path, /root/autodl-tmp/Qwen/Qwen2.5-1.5B-Instruct, is not on this machine
+    assert run_cli(str(FIX / SEEDS["qwen"][0]), "--dataset-info", str(INFO), "--params", str(project / "params.yaml"),
+                   "--write") == 0
+    err = capsys.readouterr().err
+    assert "stages.base.deps not updated" in err and "autodl-tmp" in err
+    assert "added to stages.ingest.deps" in err  # the data files are still listed
+
+
+def declared_deps_text(project: Path, stage: str) -> str:
+    return "\n".join(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["deps"])

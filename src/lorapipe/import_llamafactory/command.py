@@ -50,6 +50,25 @@ def update_params_file(path: Path, sections: dict) -> None:
     write_text(path, buf.getvalue())
 
 
+def declare_inputs(params, root: Path) -> None:
+    """Name the imported checkpoint folder and dataset files as deps of base and ingest in the
+    project's dvc.yaml, as those stages require before they run (docs/inputs.md)."""
+    import importlib
+
+    from lorapipe.core.inputs import DVC_YAML, add_deps
+
+    if not (root / DVC_YAML).is_file():
+        return
+    for stage in ("base", "ingest"):
+        try:
+            added = add_deps(stage, importlib.import_module(f"lorapipe.stages.{stage}").inputs(params), root)
+        except LorapipeError as exc:  # e.g. a checkpoint folder not on this machine: the stage will say so too
+            print(f"{root / DVC_YAML}: stages.{stage}.deps not updated: {exc}", file=sys.stderr)
+            continue
+        for line in added:
+            print(f"{root / DVC_YAML}: added to stages.{stage}.deps: {line}", file=sys.stderr)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("train_yaml", help="LLaMA-Factory train YAML (examples/train_lora/*.yaml)")
     parser.add_argument("--merge-yaml", default=None, help="its merge/export YAML (examples/merge_lora/*.yaml)")
@@ -58,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="write the sections to this YAML file (default: print them)")
     where.add_argument("--write", action="store_true",
-                       help="update the params file (--params) in place, keeping its other sections and comments")
+                       help="update the params file (--params) in place, keeping its other sections and comments, and "
+                            "list the checkpoint folder and data files it names as deps in the dvc.yaml beside it")
     parser.add_argument("--strict", action="store_true", help="unknown keys are an error instead of a warning")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="import the YAML's trust_remote_code: true as is (it lets the checkpoint run its own code); "
@@ -87,8 +107,8 @@ def main(args: argparse.Namespace) -> int:
     if args.write:
         target = Path(args.params)
         update_params_file(target, sections)
-        params_mod.load(target)
         print(f"updated {target}: {', '.join(sections)}", file=sys.stderr)
+        declare_inputs(params_mod.load(target), target.parent)
     elif args.out:
         from lorapipe.core.io import write_text
 
