@@ -298,7 +298,7 @@ def test_auto_precision_probes_in_a_child_once_and_reuses_the_answer(tiny_model,
 
     monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama")
-    shape = dict(batch_size=4, cutoff_len=64, rank=4, alpha=8, target="all")
+    shape = dict(cutoff_len=64, rank=4, alpha=8, target="all")
     first = precision.choose("auto", model, **shape)
     assert first.precision in ("fp32", "bf16") and first.ratio > 0
     assert first.precision == ("bf16" if first.ratio >= precision.BF16_MIN_RATIO else "fp32")
@@ -324,7 +324,7 @@ def test_explicit_precision_and_several_processes_are_not_probed(tmp_path, monke
 
     monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
     nothing = tmp_path / "no-model"  # a probe would fail on it: these answers come without one
-    shape = dict(batch_size=8, cutoff_len=256, rank=16, alpha=32, target="all")
+    shape = dict(cutoff_len=256, rank=16, alpha=32, target="all")
     assert precision.choose("fp32", nothing, **shape) == precision.Choice("fp32", "fp32: train.precision")
     assert precision.choose("bf16", nothing, **shape) == precision.Choice("bf16", "bf16: train.precision")
     two = precision.choose("auto", nothing, processes=2, **shape)
@@ -339,7 +339,7 @@ def test_a_failed_probe_means_fp32_with_its_reason_and_is_not_cached(tiny_model,
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model("llama"), broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    choice = precision.choose("auto", broken, batch_size=4, cutoff_len=64, rank=4, alpha=8, target="all")
+    choice = precision.choose("auto", broken, cutoff_len=64, rank=4, alpha=8, target="all")
     assert choice.precision == "fp32" and choice.ratio is None
     assert choice.reason.startswith("auto: fp32, the bf16 probe failed (") and "safetensors" in choice.reason.lower()
     assert not list((tmp_path / "cache").rglob("*.json"))

@@ -75,13 +75,14 @@ def cache_key(model_dir: Path, rows: int, seq: int, rank: int, target, threads: 
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def probe_shape(batch_size: int, cutoff_len: int) -> tuple[int, int]:
-    """Rows x tokens of the probe batch: about half a default step's packed tokens, bounded."""
-    return max(1, min(batch_size // 4, 2)), min(cutoff_len, MAX_PROBE_SEQ)
+def probe_shape(cutoff_len: int) -> tuple[int, int]:
+    """Rows x tokens of the probe batch: one packed row of at most MAX_PROBE_SEQ tokens, the same
+    kernels as a real step (the default packs its 8 samples into about 4 such rows) at a bounded cost."""
+    return 1, min(cutoff_len, MAX_PROBE_SEQ)
 
 
-def choose(requested: str, model_dir: Path, *, batch_size: int, cutoff_len: int, rank: int, alpha: int,
-           target, processes: int = 1) -> Choice:
+def choose(requested: str, model_dir: Path, *, cutoff_len: int, rank: int, alpha: int, target,
+           processes: int = 1) -> Choice:
     """The precision to train in, and why. Explicit values win; auto probes on a CPU (cached)."""
     import torch
 
@@ -95,7 +96,7 @@ def choose(requested: str, model_dir: Path, *, batch_size: int, cutoff_len: int,
         return Choice("fp32", f"auto: fp32, not probed with {processes} processes (set train.precision: bf16 to use it)")
     name, isa, _ = cpu_info()
     threads = torch.get_num_threads()
-    rows, seq = probe_shape(batch_size, cutoff_len)
+    rows, seq = probe_shape(cutoff_len)
     cached = cache_dir() / f"{cache_key(model_dir, rows, seq, rank, target, threads)}.json"
     where = f"on {name} ({', '.join(isa)}), {threads} threads"
     try:

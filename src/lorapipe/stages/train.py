@@ -320,7 +320,7 @@ def _setup_precision(params, base_dir: Path) -> precision.Choice:
     if tp.precision == "fp16" and not torch.cuda.is_available():
         raise LorapipeError("train.precision: fp16 needs a GPU; use fp32 (or bf16) on a CPU")
     # torchrun sets WORLD_SIZE before the process group exists, and the choice is needed before it
-    choice = precision.choose(tp.precision, base_dir, batch_size=tp.batch_size, cutoff_len=tp.cutoff_len,
+    choice = precision.choose(tp.precision, base_dir, cutoff_len=tp.cutoff_len,
                               rank=params.lora.rank, alpha=params.lora.alpha, target=params.lora.target,
                               processes=int(os.environ.get("WORLD_SIZE", "1")))
     info(f"[train] precision {choice.reason}")
