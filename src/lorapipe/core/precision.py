@@ -150,7 +150,8 @@ def measure(model_dir: Path, rows: int, seq: int, rank: int, alpha: int, target,
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if variant == "bf16-base":
             model.to(torch.bfloat16)
-        targets = "all-linear" if target == "all" else target
+        # lora.target as the stage reads it (stages/train.lora_targets): all, "a,b" or a list
+        targets = "all-linear" if target == "all" else [t.strip() for t in target.split(",")] if isinstance(target, str) else target
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM"))
         for p in model.parameters():
             if p.requires_grad:
