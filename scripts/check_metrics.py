@@ -82,11 +82,13 @@ TOLERANCE: dict[str, list[tuple[str, Rule]]] = {
     "train": [
         *each(rel(0.005), "train_loss", "eval_loss"), ("eval_ppl", rel(0.015)),
         ("eval_loss_base", rel(0.001)), ("eval_ppl_base", rel(0.003)),
-        *each(EQUAL, "train_tokens", "trainable_params", "total_params", "steps", "precision",
+        *each(EQUAL, "train_tokens", "trainable_params", "total_params", "steps",
               "train_rows", "train_rows_truncated", "train_rows_untrainable",
               "eval_rows", "eval_rows_truncated", "eval_rows_untrainable"),
-        # how this run went on this machine: durations, speed, processes, a resumed checkpoint
-        *each(INFO, "runtime_s", "stage_s", "train_tokens_per_s", "processes", "resumed_from_step"),
+        # how this run went on this machine: durations, speed, processes, a resumed checkpoint, and the
+        # precision train.precision: auto measured fastest here (its losses are held to the tolerances above)
+        *each(INFO, "runtime_s", "stage_s", "train_tokens_per_s", "processes", "resumed_from_step",
+              "precision", "precision_reason", "precision_probe_ratio"),
     ],
     "quantize": [
         *each(EQUAL, "quant", "choice", "imatrix", "size_bytes", "size_*_bytes", "size_ratio", "n_weights", "tensor_types.*"),

@@ -120,7 +120,7 @@ PRODUCERS = [
     ("data", "stages/clean.py", "Report.metrics", "return", ""),
     ("data", "stages/clean.py", "Counts.as_dict", "return", ""),
     ("data", "stages/clean.py", "Counts.as_dict", "return", "sources.*."),
-    ("train", "stages/train.py", "run", "metrics", ""),
+    ("train", "stages/train.py", "_metrics", "return", ""),
     ("quantize", "stages/quantize.py", "quantize", "metrics", ""),
     ("quantize", "stages/quantize.py", "size_metrics", "return", ""),
     ("quantize", "stages/quantize.py", "candidate_row", "return", "candidates.*."),

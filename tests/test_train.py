@@ -50,7 +50,9 @@ def _workdir(root: Path, model_dir: Path, train_rows: list[dict], eval_rows: lis
 
 
 def _params(**train):
-    base = {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0}
+    # fp32 unless a test asks otherwise: auto picks by measuring this CPU (tested on its own below)
+    base = {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "lr": 1e-3, "warmup_ratio": 0.0,
+            "precision": "fp32"}
     base.update(train)
     return parse({"train": base, "lora": {"rank": 4, "alpha": 8, "target": "all"}})
 
@@ -250,11 +252,109 @@ def test_run_hash_changes_with_params_and_data(tiny_model, tmp_path):
 
     root = _workdir(tmp_path, tiny_model("llama"), _rows(3), _rows(1))
     train = root / "data/clean/train.jsonl"
-    h = run_hash(_params(), root / "models/base", train)
-    assert h == run_hash(_params(logging_steps=3), root / "models/base", train)  # does not change the weights
-    assert h != run_hash(_params(lr=2e-3), root / "models/base", train)
+    h = run_hash(_params(), root / "models/base", train, "fp32")
+    assert h == run_hash(_params(logging_steps=3), root / "models/base", train, "fp32")  # does not change the weights
+    assert h != run_hash(_params(lr=2e-3), root / "models/base", train, "fp32")
+    # the precision in use, not the param: auto resolving to bf16 does not resume an fp32 checkpoint
+    assert run_hash(_params(precision="auto"), root / "models/base", train, "bf16") != run_hash(
+        _params(precision="auto"), root / "models/base", train, "fp32")
+    assert h == run_hash(_params(precision="auto"), root / "models/base", train, "fp32")
     train.write_text(train.read_text() + json.dumps(_rows(1)[0]) + "\n")
-    assert h != run_hash(_params(), root / "models/base", train)
+    assert h != run_hash(_params(), root / "models/base", train, "fp32")
+
+
+# ------------------------------------------------------------------------------------ precision
+def test_bf16_trains_with_fp32_lora_weights_and_measures_eval_loss_in_fp32(trained, tiny_model, tmp_path):
+    """bf16 on a CPU is autocast: LoRA weights, the saved adapter and the eval losses stay fp32."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorapipe.core import sft
+    from lorapipe.stages import train
+
+    root = _workdir(tmp_path, tiny_model("llama"), _rows(24), _rows(4))
+    with contextlib.chdir(root):
+        summary = train.run(_params(precision="bf16"))
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert summary["precision"] == metrics["precision"] == "bf16"
+    assert metrics["precision_reason"] == "bf16: train.precision" and metrics["precision_probe_ratio"] is None
+    weights = load_file(root / "models/adapter/adapter_model.safetensors")
+    assert weights and {t.dtype for t in weights.values()} == {torch.float32}
+    fp32 = json.loads((trained[0][0] / "metrics/train.json").read_text())
+    assert metrics["eval_loss_base"] == fp32["eval_loss_base"]  # the base measured before training, in fp32
+    assert metrics["eval_loss"] == pytest.approx(fp32["eval_loss"], abs=0.05) and metrics["eval_loss"] != fp32["eval_loss"]
+    # the final eval loss is the fp32 one of the trained adapter, not an autocast figure
+    tok = AutoTokenizer.from_pretrained(root / "models/base")
+    eval_ex, _ = sft.encode_file(root / "data/clean/eval.jsonl", tok, 256, sft.stop_strings(tok))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "models/base"), root / "models/adapter")
+    assert sft.eval_loss(model, eval_ex, sft.PackedCollator(256, tok.pad_token_id), 4) == pytest.approx(
+        metrics["eval_loss"], abs=1e-5)
+
+
+def test_auto_precision_probes_in_a_child_once_and_reuses_the_answer(tiny_model, tmp_path, monkeypatch):
+    from lorapipe.core import precision
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    shape = dict(cutoff_len=64, rank=4, alpha=8, target="all")
+    first = precision.choose("auto", model, **shape)
+    assert first.precision in ("fp32", "bf16") and first.ratio > 0
+    assert first.precision == ("bf16" if first.ratio >= precision.BF16_MIN_RATIO else "fp32")
+    assert first.reason.startswith(f"auto: {first.precision}, ") and "(probe: 3 steps of 1x64 tokens" in first.reason
+    assert precision.cpu_info()[0] in first.reason
+    [cached] = (tmp_path / "cache/precision").glob("*.json")
+    measured = json.loads(cached.read_text())
+    assert measured["fp32_s"] > 0 and measured["bf16_s"] > 0
+    second = precision.choose("auto", model, **shape)
+    assert (second.precision, second.ratio) == (first.precision, first.ratio) and "(cached probe: " in second.reason
+    # the second answer comes from that file: what it says is what is chosen
+    cached.write_text(json.dumps({**measured, "fp32_s": 2.0, "bf16_s": 1.0}))
+    forced = precision.choose("auto", model, **shape)
+    assert (forced.precision, forced.ratio) == ("bf16", 2.0) and "1/2.00 of fp32's (cached probe" in forced.reason
+    cached.write_text(json.dumps({**measured, "fp32_s": 1.0, "bf16_s": 1.0}))
+    assert precision.choose("auto", model, **shape).precision == "fp32"
+    # another shape is another probe
+    assert precision.choose("auto", model, **{**shape, "rank": 8}).reason.count("cached") == 0
+
+
+def test_explicit_precision_and_several_processes_are_not_probed(tmp_path, monkeypatch):
+    from lorapipe.core import precision
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    nothing = tmp_path / "no-model"  # a probe would fail on it: these answers come without one
+    shape = dict(cutoff_len=256, rank=16, alpha=32, target="all")
+    assert precision.choose("fp32", nothing, **shape) == precision.Choice("fp32", "fp32: train.precision")
+    assert precision.choose("bf16", nothing, **shape) == precision.Choice("bf16", "bf16: train.precision")
+    two = precision.choose("auto", nothing, processes=2, **shape)
+    assert two.precision == "fp32" and "not probed with 2 processes" in two.reason
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_probe_means_fp32_with_its_reason_and_is_not_cached(tiny_model, tmp_path, monkeypatch):
+    from lorapipe.core import precision
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model("llama"), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    choice = precision.choose("auto", broken, cutoff_len=64, rank=4, alpha=8, target="all")
+    assert choice.precision == "fp32" and choice.ratio is None
+    assert choice.reason.startswith("auto: fp32, the bf16 probe failed (") and "safetensors" in choice.reason.lower()
+    assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_auto_precision_in_the_stage_is_recorded(workdir, tmp_path, monkeypatch):
+    from lorapipe.stages import train
+
+    monkeypatch.setenv("LORAPIPE_CACHE", str(tmp_path / "cache"))
+    root = workdir()
+    summary = train.run(_params(precision="auto", max_steps=1))
+    metrics = json.loads((root / "metrics/train.json").read_text())
+    assert summary["precision"] == metrics["precision"] in ("fp32", "bf16")
+    assert metrics["precision_reason"].startswith(f"auto: {metrics['precision']}, a bf16 step takes 1/")
+    assert metrics["precision_probe_ratio"] > 0
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -150,6 +150,7 @@ class TrainParams(Section):
     weight_decay: float = 0.0
     cutoff_len: int = Field(256, gt=0)
     seed: int = 42
+    # auto: bf16/fp16 on a GPU; on a CPU the faster of fp32 and bf16 autocast as measured (core/precision.py)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization_bit: Literal[4, 8] | None = None
     # Recompute activations in the backward pass instead of keeping them: the memory switch for long

@@ -23,12 +23,15 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lorapipe.core import hfmodel, paths
+from lorapipe.core import hfmodel, paths, precision
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
@@ -57,17 +60,6 @@ def check_quantization(train) -> None:
         raise LorapipeError(
             f"train.quantization_bit: {train.quantization_bit} needs the bitsandbytes package (pip install bitsandbytes)"
         ) from None
-
-
-def resolve_precision(precision: str) -> str:
-    """auto = bf16 where the GPU has it, else fp16 on a GPU, fp32 on a CPU."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def lora_targets(model, target: str | list[str]) -> str | list[str]:
@@ -113,10 +105,13 @@ def _sha256_file(path: Path, h) -> None:
             h.update(chunk)
 
 
-def run_hash(params, base_dir: Path, train_path: Path) -> str:
-    """Hash of everything that decides the trained weights: train+lora params, train data, base model."""
+def run_hash(params, base_dir: Path, train_path: Path, precision_used: str) -> str:
+    """Hash of everything that decides the trained weights: train+lora params, train data, base model,
+    and the precision in use (train.precision: auto may resolve otherwise on the next run: a checkpoint
+    trained in one precision is not resumed in the other)."""
     h = hashlib.sha256()
     train = {k: v for k, v in params.train.model_dump().items() if k not in _NOT_HASHED}
+    train["precision"] = precision_used
     h.update(json.dumps({"train": train, "lora": params.lora.model_dump()}, sort_keys=True).encode())
     _sha256_file(train_path, h)
     for f in sorted(base_dir.iterdir()):
@@ -229,31 +224,66 @@ def _eval_callback(evaluate, every: int, live):
 
 
 # ------------------------------------------------------------------------------------ stage
+@dataclass
+class _Data:
+    tokenizer: Any
+    train: list
+    train_rep: Any
+    eval: list
+    eval_rep: Any
+
+
+@dataclass
+class _Model:
+    model: Any
+    collator: Any
+    supports_keep: bool
+    eval_loss_base: float | None
+
+
 def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
     """Train; write models/adapter/ and metrics/train.json. `callbacks` are extra TrainerCallbacks."""
     t0 = time.perf_counter()
-    tp, lp = params.train, params.lora
     base_dir = Path(base_dir or paths.BASE_DIR)
-    check_quantization(tp)  # before loading anything
+    _check_inputs(params.train, base_dir)
+    data = _setup_data(params, base_dir)
+    choice = _setup_precision(params, base_dir)
+    args = _training_args(params.train, choice.precision)
+    resume = _setup_checkpoints(params, base_dir, args, choice.precision)
+    m = _setup_model(params, base_dir, data, args, choice.precision)
+    trainer, live = _setup_trainer(params, data, m, args, callbacks)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_loss = _evaluate(m, data, params.train, args.device)
+    _end_live(live, trainer, eval_loss)
+    metrics = _metrics(data, m, trainer, result, eval_loss, choice, resume, args, t0)
+    _save(args, m.model, data.tokenizer, metrics)
+    return {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_loss_base", "train_tokens_per_s", "steps",
+                                    "train_rows", "precision")}
+
+
+def _check_inputs(tp, base_dir: Path) -> None:
+    """Fail on a missing input or a bad param before anything heavy is loaded."""
+    check_quantization(tp)
     if not (base_dir / "config.json").exists():
         raise LorapipeError(f"{base_dir}: no base model (config.json missing); run `lorapipe base` first")
     for split in (paths.TRAIN_JSONL, paths.EVAL_JSONL):
         if not split.exists():
             raise LorapipeError(f"{split}: missing; run `lorapipe clean` first")
-
-    import torch
-    from transformers import GenerationConfig, TrainingArguments, set_seed
     from transformers.trainer_utils import SchedulerType
-
-    from lorapipe.core import sft
 
     if tp.scheduler not in {s.value for s in SchedulerType}:
         raise LorapipeError(f"train.scheduler: unknown scheduler {tp.scheduler!r}; known: "
                             + ", ".join(s.value for s in SchedulerType))
 
-    # ---- data: tokenise with the chat template, assistant-only labels
-    trust = params.model.trust_remote_code
-    tokenizer = hfmodel.load_tokenizer(base_dir, trust)
+
+def _setup_data(params, base_dir: Path) -> _Data:
+    """Tokenise both splits with the chat template; labels on assistant tokens only."""
+    from transformers import GenerationConfig
+
+    from lorapipe.core import sft
+
+    tp = params.train
+    tokenizer = hfmodel.load_tokenizer(base_dir, params.model.trust_remote_code)
     sft.resolve_chat_template(tokenizer, base_dir, tp.chat_template)
     try:
         gen_cfg = GenerationConfig.from_pretrained(base_dir)
@@ -277,14 +307,32 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         if tp.on_empty_eval == "fail":
             raise LorapipeError(msg + " and train.on_empty_eval is 'fail'")
         info(f"[train] {msg}: evaluation skipped (eval_loss is null)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return _Data(tokenizer, train_ex, train_rep, eval_ex, eval_rep)
 
-    # ---- precision, distributed set-up (TrainingArguments initialises the process group)
-    precision = resolve_precision(tp.precision)
-    cuda = torch.cuda.is_available()
-    if precision == "fp16" and not cuda:
+
+def _setup_precision(params, base_dir: Path) -> precision.Choice:
+    """train.precision resolved: explicit values win; auto measures on a CPU (core/precision.py)."""
+    import torch
+
+    tp = params.train
+    if tp.precision == "fp16" and not torch.cuda.is_available():
         raise LorapipeError("train.precision: fp16 needs a GPU; use fp32 (or bf16) on a CPU")
-    digest = run_hash(params, base_dir, paths.TRAIN_JSONL)
-    args = TrainingArguments(
+    # torchrun sets WORLD_SIZE before the process group exists, and the choice is needed before it
+    choice = precision.choose(tp.precision, base_dir, cutoff_len=tp.cutoff_len,
+                              rank=params.lora.rank, alpha=params.lora.alpha, target=params.lora.target,
+                              processes=int(os.environ.get("WORLD_SIZE", "1")))
+    info(f"[train] precision {choice.reason}")
+    return choice
+
+
+def _training_args(tp, precision_used: str):
+    """TrainingArguments (which also initialises the process group under torchrun/accelerate)."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(paths.CHECKPOINTS_DIR),
         num_train_epochs=tp.epochs,
         max_steps=tp.max_steps if tp.max_steps > 0 else -1,
@@ -296,9 +344,10 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         weight_decay=tp.weight_decay,
         seed=tp.seed,
         data_seed=tp.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
+        # bf16 on a CPU: autocast (accelerate); weights, LoRA and optimizer state stay fp32
+        bf16=precision_used == "bf16",
+        fp16=precision_used == "fp16",
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=tp.logging_steps,
         save_strategy="steps",
         save_steps=tp.save_steps,
@@ -316,92 +365,124 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         activation_checkpointing=tp.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tp.gradient_checkpointing else None,
     )
+
+
+def _setup_checkpoints(params, base_dir: Path, args, precision_used: str) -> Path | None:
+    """Keep this config's checkpoints (same params, data, base and precision), drop others; the newest or None."""
     state = args.distributed_state
-    main = state.is_main_process
-    if main:
-        prepare_checkpoints(paths.CHECKPOINTS_DIR, digest)
+    if state.is_main_process:
+        prepare_checkpoints(paths.CHECKPOINTS_DIR, run_hash(params, base_dir, paths.TRAIN_JSONL, precision_used))
     state.wait_for_everyone()
     resume = last_checkpoint(paths.CHECKPOINTS_DIR)
-    if resume and main:
+    if resume and state.is_main_process:
         info(f"[train] resuming from {resume}")
+    return resume
 
-    # ---- model
+
+def _setup_model(params, base_dir: Path, data: _Data, args, precision_used: str) -> _Model:
+    """Base model on its device, its eval loss, then the LoRA layers (seeded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from lorapipe.core import sft
+
+    tp, lp = params.train, params.lora
+    cuda = torch.cuda.is_available()
     load_kwargs: dict = {}
     if tp.quantization_bit:
-        from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_used, torch.float32)
         load_kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
             if tp.quantization_bit == 4 else BitsAndBytesConfig(load_in_8bit=True)
         )
-        load_kwargs["device_map"] = {"": state.local_process_index}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if cuda else torch.float32
-    model = hfmodel.load_causal_lm(base_dir, trust, dtype=dtype, **load_kwargs)
+        load_kwargs["device_map"] = {"": args.distributed_state.local_process_index}
+    # On a CPU the base stays fp32 under bf16 autocast: a bf16-held frozen base measured slower there
+    # (docs/benchmarks.md), and the base model's eval loss is a full-precision reference.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_used, torch.float32) if cuda else torch.float32
+    model = hfmodel.load_causal_lm(base_dir, params.model.trust_remote_code, dtype=dtype, **load_kwargs)
     if tp.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
     target_modules = lora_targets(model, lp.target)
     native = type(model).__module__.startswith("transformers.")
     supports_keep = native and "logits_to_keep" in inspect.signature(model.forward).parameters
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad = data.tokenizer.pad_token_id
     # Packed rows need the attention to read sample boundaries from position_ids: transformers' own
     # model classes do (sdpa/eager/flash); remote-code models get dynamically padded batches instead.
-    collator = (sft.PackedCollator(tp.cutoff_len, tokenizer.pad_token_id) if native
-                else sft.PaddedCollator(tokenizer.pad_token_id))
-    device = args.device
+    collator = sft.PackedCollator(tp.cutoff_len, pad) if native else sft.PaddedCollator(pad)
     if not tp.quantization_bit:  # bitsandbytes placed it already (device_map)
-        model.to(device)
-
-    def evaluate(m) -> float | None:
-        if not eval_ex:
-            return None
-        return sft.eval_loss(m, eval_ex, collator, tp.batch_size, supports_keep, device)
-
-    eval_loss_base = evaluate(model)
-    if main and eval_loss_base is not None:
-        info(f"[train] base model eval loss {eval_loss_base:.4f} on {len(eval_ex)} rows")
-
-    # ---- LoRA
-    from peft import LoraConfig, get_peft_model
-
+        model.to(args.device)
+    m = _Model(model, collator, supports_keep, None)
+    m.eval_loss_base = _evaluate(m, data, tp, args.device)
+    if args.distributed_state.is_main_process and m.eval_loss_base is not None:
+        info(f"[train] base model eval loss {m.eval_loss_base:.4f} on {len(data.eval)} rows")
     set_seed(tp.seed)  # LoRA A matrices are initialised randomly: same seed, same start
-    lora_cfg = LoraConfig(r=lp.rank, lora_alpha=lp.alpha, lora_dropout=lp.dropout, target_modules=target_modules,
-                          bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora_cfg)
-    trainable, total = model.get_nb_trainable_parameters()
+    m.model = get_peft_model(model, LoraConfig(r=lp.rank, lora_alpha=lp.alpha, lora_dropout=lp.dropout,
+                                               target_modules=target_modules, bias="none", task_type="CAUSAL_LM"))
+    return m
 
+
+def _evaluate(m: _Model, data: _Data, tp, device) -> float | None:
+    """Eval loss over assistant tokens of the eval split, in full precision (no autocast)."""
+    from lorapipe.core import sft
+
+    if not data.eval:
+        return None
+    # Under bf16, accelerate wraps the model's forward in autocast for training; the original forward
+    # (kept beside it) measures the eval loss in fp32.
+    patched, original = m.model.__dict__.get("forward"), m.model.__dict__.get("_original_forward")
+    if patched is not None and original is not None:
+        m.model.forward = original
+    try:
+        return sft.eval_loss(m.model, data.eval, m.collator, tp.batch_size, m.supports_keep, device)
+    finally:
+        if patched is not None and original is not None:
+            m.model.forward = patched
+
+
+def _setup_trainer(params, data: _Data, m: _Model, args, callbacks):
+    """The Trainer with our loss, dvclive logging (main process) and periodic eval."""
+    tp = params.train
     live = None
     cbs = list(callbacks)
-    if main:
+    if args.distributed_state.is_main_process:
         from dvclive import Live
 
         live = Live(dir=str(DVCLIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None)
         cbs.append(_dvclive_callback(live))
-    if tp.eval_steps and eval_ex:
-        cbs.append(_eval_callback(lambda: evaluate(model), tp.eval_steps, live))
-    trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_ex, data_collator=collator,
-                                    processing_class=tokenizer, callbacks=cbs, supports_keep=supports_keep)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if tp.eval_steps and data.eval:
+        cbs.append(_eval_callback(lambda: _evaluate(m, data, tp, args.device), tp.eval_steps, live))
+    trainer = _make_trainer_class()(model=m.model, args=args, train_dataset=data.train, data_collator=m.collator,
+                                    processing_class=data.tokenizer, callbacks=cbs, supports_keep=m.supports_keep)
+    return trainer, live
+
+
+def _end_live(live, trainer, eval_loss: float | None) -> None:
+    if live is None:
+        return
+    if eval_loss is not None:
+        live.step = trainer.state.global_step
+        live.log_metric("eval/loss", eval_loss)
+    live.end()
+
+
+def _metrics(data: _Data, m: _Model, trainer, result, eval_loss, choice, resume, args, t0: float) -> dict:
     train_seconds = float(result.metrics.get("train_runtime", 0.0))
-
-    eval_loss_final = evaluate(model)
-    if live is not None:
-        if eval_loss_final is not None:
-            live.step = trainer.state.global_step
-            live.log_metric("eval/loss", eval_loss_final)
-        live.end()
-
-    # tokens seen on this process; the others saw as many on average
-    tokens = trainer.tokens_seen * state.num_processes
-    metrics = {
+    processes = args.distributed_state.num_processes
+    tokens = trainer.tokens_seen * processes  # tokens seen on this process; the others saw as many on average
+    trainable, total = m.model.get_nb_trainable_parameters()
+    base = m.eval_loss_base
+    return {
         "train_loss": round(float(result.training_loss), 6),
-        "eval_loss": None if eval_loss_final is None else round(eval_loss_final, 6),
-        "eval_ppl": None if eval_loss_final is None else round(math.exp(eval_loss_final), 4),
-        "eval_loss_base": None if eval_loss_base is None else round(eval_loss_base, 6),
-        "eval_ppl_base": None if eval_loss_base is None else round(math.exp(eval_loss_base), 4),
+        "eval_loss": None if eval_loss is None else round(eval_loss, 6),
+        "eval_ppl": None if eval_loss is None else round(math.exp(eval_loss), 4),
+        "eval_loss_base": None if base is None else round(base, 6),
+        "eval_ppl_base": None if base is None else round(math.exp(base), 4),
         "train_tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
         "train_tokens": tokens,
         "runtime_s": round(train_seconds, 2),
@@ -410,16 +491,23 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         "total_params": int(total),
         "steps": int(trainer.state.global_step),
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
-        "train_rows": len(train_ex),
-        "train_rows_truncated": train_rep.truncated,
-        "train_rows_untrainable": train_rep.untrainable,
-        "eval_rows": len(eval_ex),
-        "eval_rows_truncated": eval_rep.truncated,
-        "eval_rows_untrainable": eval_rep.untrainable,
-        "precision": precision,
-        "processes": state.num_processes,
+        "train_rows": len(data.train),
+        "train_rows_truncated": data.train_rep.truncated,
+        "train_rows_untrainable": data.train_rep.untrainable,
+        "eval_rows": len(data.eval),
+        "eval_rows_truncated": data.eval_rep.truncated,
+        "eval_rows_untrainable": data.eval_rep.untrainable,
+        "precision": choice.precision,
+        "precision_reason": choice.reason,
+        "precision_probe_ratio": choice.ratio,
+        "processes": processes,
     }
-    if main:
+
+
+def _save(args, model, tokenizer, metrics: dict) -> None:
+    """Main process: the adapter (fp32, sorted config), metrics; then the finished run's checkpoints go."""
+    state = args.distributed_state
+    if state.is_main_process:
         with atomic_path(paths.ADAPTER_DIR, is_dir=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             sort_target_modules(tmp / "adapter_config.json")
@@ -429,4 +517,3 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
         shutil.rmtree(paths.CHECKPOINTS_DIR, ignore_errors=True)
         paths.CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    return {k: metrics[k] for k in ("train_loss", "eval_loss", "eval_loss_base", "train_tokens_per_s", "steps", "train_rows")}
