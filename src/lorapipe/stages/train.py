@@ -149,6 +149,7 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------ trainer
 def _make_trainer_class():
+    import torch
     from transformers import Trainer
 
     from lorapipe.core.sft import loss_sum
@@ -158,9 +159,10 @@ def _make_trainer_class():
 
         loss_is_scaled_for_ga = True  # normalised by num_items_in_batch (all micro-batches of a step)
 
-        def __init__(self, *args, supports_keep: bool = True, **kwargs):
+        def __init__(self, *args, supports_keep: bool = True, cpu_bf16: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.supports_keep = supports_keep
+            self.cpu_bf16 = cpu_bf16
             self.model_accepts_loss_kwargs = True  # makes Trainer count label tokens per optimizer step
             self.tokens_seen = 0
 
@@ -168,7 +170,10 @@ def _make_trainer_class():
             if model.training:
                 mask = inputs.get("attention_mask")
                 self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            loss, n = loss_sum(model, inputs, self.supports_keep)
+            # bf16 on a CPU: autocast around the training loss only, so weights, LoRA, optimizer state
+            # and every eval loss stay fp32 (TrainingArguments(bf16=True) would wrap model.forward itself)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16 and model.training):
+                loss, n = loss_sum(model, inputs, self.supports_keep)
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts all processes' tokens; DDP averages gradients over processes
@@ -251,7 +256,7 @@ def run(params, *, callbacks=(), base_dir: Path | None = None) -> dict:
     args = _training_args(params.train, choice.precision)
     resume = _setup_checkpoints(params, base_dir, args, choice.precision)
     m = _setup_model(params, base_dir, data, args, choice.precision)
-    trainer, live = _setup_trainer(params, data, m, args, callbacks)
+    trainer, live = _setup_trainer(params, data, m, args, callbacks, choice.precision)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_loss = _evaluate(m, data, params.train, args.device)
     _end_live(live, trainer, eval_loss)
@@ -344,8 +349,8 @@ def _training_args(tp, precision_used: str):
         weight_decay=tp.weight_decay,
         seed=tp.seed,
         data_seed=tp.seed,
-        # bf16 on a CPU: autocast (accelerate); weights, LoRA and optimizer state stay fp32
-        bf16=precision_used == "bf16",
+        # bf16 on a GPU; on a CPU it is the trainer's own autocast (_make_trainer_class)
+        bf16=precision_used == "bf16" and torch.cuda.is_available(),
         fp16=precision_used == "fp16",
         use_cpu=not torch.cuda.is_available(),
         logging_steps=tp.logging_steps,
@@ -433,20 +438,13 @@ def _evaluate(m: _Model, data: _Data, tp, device) -> float | None:
 
     if not data.eval:
         return None
-    # Under bf16, accelerate wraps the model's forward in autocast for training; the original forward
-    # (kept beside it) measures the eval loss in fp32.
-    patched, original = m.model.__dict__.get("forward"), m.model.__dict__.get("_original_forward")
-    if patched is not None and original is not None:
-        m.model.forward = original
-    try:
-        return sft.eval_loss(m.model, data.eval, m.collator, tp.batch_size, m.supports_keep, device)
-    finally:
-        if patched is not None and original is not None:
-            m.model.forward = patched
+    return sft.eval_loss(m.model, data.eval, m.collator, tp.batch_size, m.supports_keep, device)
 
 
-def _setup_trainer(params, data: _Data, m: _Model, args, callbacks):
+def _setup_trainer(params, data: _Data, m: _Model, args, callbacks, precision_used: str):
     """The Trainer with our loss, dvclive logging (main process) and periodic eval."""
+    import torch
+
     tp = params.train
     live = None
     cbs = list(callbacks)
@@ -458,7 +456,8 @@ def _setup_trainer(params, data: _Data, m: _Model, args, callbacks):
     if tp.eval_steps and data.eval:
         cbs.append(_eval_callback(lambda: _evaluate(m, data, tp, args.device), tp.eval_steps, live))
     trainer = _make_trainer_class()(model=m.model, args=args, train_dataset=data.train, data_collator=m.collator,
-                                    processing_class=data.tokenizer, callbacks=cbs, supports_keep=m.supports_keep)
+                                    processing_class=data.tokenizer, callbacks=cbs, supports_keep=m.supports_keep,
+                                    cpu_bf16=precision_used == "bf16" and not torch.cuda.is_available())
     return trainer, live
 
 
