@@ -119,7 +119,14 @@ TOLERANCE: dict[str, list[tuple[str, Rule]]] = {
         ("kld_quant_vs_*", abs_(0.005)), ("same_top_token_pct", abs_(1.0)), ("rms_dp_pct", abs_(0.5)),
         ("size_hf_merged_mb", rel(0.001)), *each(EQUAL, "size_*_mb", "size_ratio"),
         ("samples_stopped", abs_(3)),
-        *each(INFO, "threads", "prompt_tok_s_*", "decode_tok_s_*", "decode_speedup_quant_vs_hf"),
+        *each(INFO, "threads", "prompt_tok_s_*", "decode_tok_s_*", "decode_speedup_quant_vs_hf", "answers_s"),
+        # answers to the eval prompts (evaluate.predict): the references' figures are data, equal; greedy
+        # answers change where a near-tie flips on another CPU, so their scores move by a few points
+        *each(EQUAL, "answers_rows", "answers_*_ref"),
+        *each(abs_(3.0), "answers_bleu4_*", "answers_rouge*"),
+        *each(abs_(0.05), "answers_distinct*", "answers_seqrep4_*"),
+        *each(abs_(0.1), "answers_cut_*", "answers_empty_*"),
+        ("answers_len_*", rel(0.1)), ("answers_exact_quant_vs_merged", abs_(0.15)),
     ],
 }
 

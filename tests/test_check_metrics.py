@@ -127,6 +127,9 @@ PRODUCERS = [
     ("quantize", "core/parity.py", "check_f16", "rep.figures", "parity."),
     ("quantize", "core/parity.py", "check_quant", "rep.figures", "parity."),
     ("eval", "stages/evaluate.py", "evaluate", "metrics", ""),
+    ("eval", "stages/evaluate.py", "predict", "timing", ""),
+    ("eval", "core/predictions.py", "variant_metrics", "return", ""),
+    ("eval", "core/predictions.py", "shared_metrics", "return", ""),
 ]
 # `**x` in those dicts: each spreads the dict of a producer above.
 SPREADS = {"total.as_dict()", "sizes", "ref_report.figures", "quant_report.figures"}

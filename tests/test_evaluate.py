@@ -30,7 +30,8 @@ DIALOGUES = [
 ]
 PROMPTS = ["I have been feeling lonely lately.", "我和最好的朋友吵架了。"]
 FAST = {"threads": 1, "ctx": 64, "max_chunks": 4, "max_new_tokens": 8, "speed_prompt_tokens": 16,
-        "speed_gen_tokens": 8, "prompts": PROMPTS}
+        "speed_gen_tokens": 8, "prompts": PROMPTS,
+        "predict": {"max_rows": 6, "max_new_tokens": 8, "batch_size": 4, "parallel": 2}}
 
 
 def eval_rows(n: int) -> list[dict]:
@@ -102,6 +103,24 @@ def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):
     for variant in ("**base (HF)**", "**merged (HF)**", "**q4_k_m (GGUF)**"):
         assert samples.count(variant) == len(PROMPTS)
     assert "<|im_start|>" not in samples and "<|im_end|>" not in samples
+
+    # phase predict: every variant answered the same 6 eval prompts, in LLaMA-Factory's files
+    assert m["answers_rows"] == 6 and m["answers_s"] > 0
+    labels = None
+    for variant in ("hf_base", "hf_merged", "quant"):
+        folder = workspace / evaluate.PREDICTIONS / variant
+        rows = [json.loads(x) for x in (folder / "generated_predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+        assert labels in (None, [r["label"] for r in rows])
+        labels = [r["label"] for r in rows]
+        results = json.loads((folder / "predict_results.json").read_text())
+        assert results["predict_bleu-4"] == m[f"answers_bleu4_{variant}"]
+        assert results["predict_rouge-l"] == m[f"answers_rougel_{variant}"]
+        assert 0 <= m[f"answers_cut_{variant}"] <= 1 and m[f"answers_len_{variant}"] >= 0
+    assert set(labels) <= {a for _, a in DIALOGUES}
+    assert 0 <= m["answers_exact_quant_vs_merged"] <= 1 and m["answers_distinct1_ref"] > 0
+    plot = json.loads((workspace / evaluate.ANSWERS_PLOT).read_text())
+    assert [r["variant"] for r in plot] == ["base (HF)", "merged (HF)", "quantized (GGUF)"]
 
 
 def test_quantization_gate_fails_above_threshold(workspace):

@@ -100,6 +100,13 @@ def test_model_card_has_provenance_data_params_metrics_and_usage(packaged):
         row = (f"| {c['type']} | {c['size_mb']:.1f} | {c['bits_per_weight']:.2f} | {c['argmax_agreement']:.3f} | "
                f"{c['ppl_delta_pct']:+.2f} | {c['finetune_kept']:.3f} | {'yes' if c['passed'] else 'no'} |")
         assert row in card, row
+    ev = metrics["eval.json"]  # evaluate's answers: a row per variant
+    assert f"Greedy answers to {ev['answers_rows']} eval prompts" in card
+    for variant, label in (("hf_base", "base (HF)"), ("hf_merged", "merged (HF)"), ("quant", "quantized (GGUF)")):
+        row = (f"| {label} | {ev[f'answers_bleu4_{variant}']:.2f} | {ev[f'answers_rouge1_{variant}']:.2f} | "
+               f"{ev[f'answers_rouge2_{variant}']:.2f} | {ev[f'answers_rougel_{variant}']:.2f} | "
+               f"{ev[f'answers_distinct2_{variant}']:.3f} | {ev[f'answers_len_{variant}']:.1f} | ")
+        assert row in card, row
     head = git("rev-parse", "HEAD", cwd=packaged).strip()
     assert f"git commit: `{head}`" in card and "uncommitted" not in card
     outs = [(stage, out) for stage, entry in stages.items() if stage != "package" for out in entry.get("outs") or []]

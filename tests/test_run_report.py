@@ -48,3 +48,34 @@ def test_the_run_page_shows_every_quantization_candidate_and_the_choice():
     assert list(table.index) == ["Q4_K_M", "Q8_0"]
     assert list(table["passed"]) == ["FAIL", "pass"] and table.loc["Q8_0", "fine-tune kept"] == 0.996
     assert run_report.quant_candidates({}).empty  # a quantize.json without candidates shows no table
+
+
+def test_the_run_page_shows_answer_scores_and_answers_side_by_side(tmp_path):
+    import json
+    import shutil
+
+    from conftest import REPO_ROOT
+
+    run = REPO_ROOT / "tests" / "fixtures" / "run"  # a real default run's files
+    ev = json.loads((run / "metrics" / "eval.json").read_text(encoding="utf-8"))
+    table = run_report.answer_scores(ev)
+    assert list(table.index) == ["base (HF)", "merged (HF)", "quantized (GGUF)", "reference"]
+    assert table.loc["merged (HF)", "BLEU-4"] == ev["answers_bleu4_hf_merged"]
+    assert table.loc["quantized (GGUF)", "same as merged"] == ev["answers_exact_quant_vs_merged"]
+    assert table.loc["reference", "distinct-2"] == ev["answers_distinct2_ref"]
+
+    assert run_report.answers_side_by_side(tmp_path) is None  # evaluate not run yet
+    shutil.copytree(run / "reports", tmp_path / "reports")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(ev), encoding="utf-8")
+    side = run_report.answers_side_by_side(tmp_path)
+    assert len(side) == ev["answers_rows"]
+    assert list(side.columns) == ["prompt", "reference", "base (HF)", "merged (HF)", "quantized (GGUF)"]
+    page = run_report.render(tmp_path, parse({}), dvc="/nonexistent/dvc")
+    assert "Answers side by side" in page and "BLEU-4" in page
+    assert "<|im_start|>" not in page  # the rendered prompts' special tokens are escaped text
+    assert "&lt;|im_start|&gt;" in page
+
+    broken = tmp_path / "reports" / "predictions" / "quant" / "generated_predictions.jsonl"
+    broken.write_text("{not json\n", encoding="utf-8")
+    assert "generated_predictions.jsonl:1: not JSON" in run_report.render(tmp_path, parse({}), dvc="/nonexistent/dvc")

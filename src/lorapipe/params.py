@@ -223,6 +223,16 @@ class ExportParams(Section):
 
 
 # -------------------------------------------------------------------------------------- evaluate
+class PredictParams(Section):
+    # Eval rows answered by every variant (reports/predictions/); a larger split gives a fixed subset
+    # drawn with `seed`; null = every row.
+    max_rows: int | None = Field(64, gt=0)
+    seed: int = 0
+    max_new_tokens: int = Field(64, gt=0)  # greedy answer length; an answer that reaches it counts as cut
+    batch_size: int = Field(8, gt=0)  # prompts per transformers generate() call (HF variants)
+    parallel: int = Field(4, ge=1)  # llama-server slots answering at once (the quantized GGUF)
+
+
 class EvaluateParams(Section):
     # Perplexity context (tokens) and most chunks scored; a shorter eval split gets a shorter context.
     # 16 x 256 scores 2032 tokens per variant.
@@ -243,6 +253,7 @@ class EvaluateParams(Section):
         "最近工作压力很大，晚上总是睡不着。",
         "我和最好的朋友吵架了，心里很难受。",
     ]
+    predict: PredictParams = PredictParams()
 
 
 # ----------------------------------------------------------------------------------- chat, serve

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorapipe.core import paths
+from lorapipe.core.errors import LorapipeError
 
 LOSS_TSV = Path("dvclive/plots/metrics/train/loss.tsv")
 EVAL_LOSS_TSV = Path("dvclive/plots/metrics/eval/loss.tsv")
@@ -68,6 +69,38 @@ def variants(ev: dict) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["variant", "ppl", "assistant loss", f"KLD vs {ref}", "size MB", "prompt tok/s",
                                      "decode tok/s"])
     return df.set_index("variant")
+
+
+ANSWER_FIGURES = {"bleu4": "BLEU-4", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougel": "ROUGE-L",
+                  "distinct1": "distinct-1", "distinct2": "distinct-2", "len": "mean tokens", "seqrep4": "seq-rep-4",
+                  "cut": "cut share", "empty": "empty share"}
+
+
+def answer_scores(ev: dict) -> pd.DataFrame:
+    """One row per variant (and the references): evaluate's `answers_*` figures (docs/answers.md)."""
+    from lorapipe.core.predictions import VARIANTS
+
+    rows = {label: {name: ev.get(f"answers_{key}_{variant}") for key, name in ANSWER_FIGURES.items()}
+            for variant, label in {**VARIANTS, "ref": "reference"}.items()}
+    df = pd.DataFrame.from_dict(rows, orient="index").rename_axis("variant")
+    df["same as merged"] = [None, None, ev.get("answers_exact_quant_vs_merged"), None]
+    return df
+
+
+def answers_side_by_side(root: Path) -> pd.DataFrame | None:
+    """reports/predictions/: a row per prompt, the reference beside each variant's answer; None when
+    evaluate has not written them. A malformed file raises LorapipeError naming its line."""
+    from lorapipe.core.predictions import VARIANTS, read_predictions
+
+    folder = root / paths.REPORTS_DIR / "predictions"
+    files = {label: folder / variant / "generated_predictions.jsonl" for variant, label in VARIANTS.items()}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    per_variant = {label: read_predictions(f) for label, f in files.items()}
+    first = next(iter(per_variant.values()))
+    table = {"prompt": [r["prompt"] for r in first], "reference": [r["label"] for r in first]}
+    table.update({label: [r["predict"] for r in rows] for label, rows in per_variant.items()})
+    return pd.DataFrame(table).rename_axis("#")
 
 
 def gates(m: dict, params) -> pd.DataFrame:
@@ -242,6 +275,17 @@ def render(root: Path, params, dvc: str = "dvc") -> str:
     parts.append(svg or "<p>No dvclive loss curve (dvclive/plots/metrics/train/loss.tsv) yet.</p>")
     if m["eval"]:
         parts.append(_table(variants(m["eval"]), "Variants (evaluate, same eval token stream)"))
+        if "answers_rows" in m["eval"]:
+            parts.append(_table(answer_scores(m["eval"]), f"Answers to {m['eval']['answers_rows']} eval prompts "
+                                "(BLEU/ROUGE as LLaMA-Factory scores them; docs/answers.md)"))
+    try:
+        side = answers_side_by_side(root)
+    except LorapipeError as exc:
+        parts.append(f"<p>{html.escape(str(exc))}</p>")
+    else:
+        if side is not None:
+            parts.append("<h3>Answers side by side (reports/predictions/)</h3>"
+                         + side.to_html(classes="grid answers", border=0, na_rep="—"))
     q = m["quantize"] or {}
     candidates = quant_candidates(q)
     if not candidates.empty:

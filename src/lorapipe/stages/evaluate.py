@@ -13,24 +13,32 @@ side reproduces llama-perplexity's scoring). Gates that fail the stage:
 
 Outputs: metrics/eval.json (flat numbers for `dvc metrics diff`), plots/variants.json (one row per
 variant for `dvc plots`), reports/samples.md. A failed gate writes none of them.
+
+After the gates, phase `predict` (evaluate.predict params): the HF base, the HF merged model and the
+quantized GGUF answer the eval split's prompts; LLaMA-Factory-style files per variant go to
+reports/predictions/, the answer scores (core/answer_scores.py, docs/answers.md) to metrics/eval.json
+(`answers_*`) and plots/answers.json.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
-from lorapipe.core import gguf_meta, hfmodel, inference_speed, parity, paths, retention
+from lorapipe.core import gguf_meta, hfmodel, inference_speed, parity, paths, predictions, retention
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
-from lorapipe.core.io import write_json, write_text
+from lorapipe.core.io import atomic_path, write_json, write_text
 from lorapipe.core.log import info, progress
 from lorapipe.core.retention import pct
 
 METRICS = paths.METRICS_DIR / "eval.json"
 PLOT = paths.PLOTS_DIR / "variants.json"
 SAMPLES = paths.REPORTS_DIR / "samples.md"
+PREDICTIONS = paths.REPORTS_DIR / "predictions"
+ANSWERS_PLOT = paths.PLOTS_DIR / "answers.json"
 MB = 1_000_000
 
 
@@ -240,6 +248,37 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
 
 
+# -------------------------------------------------------------------------------------- predict
+def predict(pp, *, threads: int, eval_jsonl: Path, base_dir: Path, merged_dir: Path, quant_gguf: Path, out_dir: Path,
+            trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
+    """Every variant answers the eval prompts (core/predictions.py); writes `out_dir` (a folder per
+    variant, atomically) and returns (metrics `answers_*`, plot rows)."""
+    import torch
+
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
+    conversations, labels = predictions.prompts_and_labels(ppl.read_eval_rows(eval_jsonl), pp.max_rows, pp.seed)
+    if not conversations:
+        raise LorapipeError(f"{eval_jsonl}: no row ends with an assistant reply to a user turn; nothing to answer")
+    texts = [parity.render(tokenizer, c) for c in conversations]
+    info(f"evaluate: {len(texts)} eval prompts answered by each variant (evaluate.predict)")
+    answers = {}
+    for variant, folder in (("hf_base", base_dir), ("hf_merged", merged_dir)):
+        model = load_hf(folder, trust_remote_code)
+        answers[variant] = predictions.hf_generate(model, tokenizer, texts, pp.max_new_tokens, pp.batch_size,
+                                                   desc=f"evaluate: answers {variant}")
+        del model
+    answers["quant"] = predictions.gguf_generate(quant_gguf, texts, pp.max_new_tokens, parallel=pp.parallel,
+                                                 threads=threads)
+    metrics, results, plot = predictions.score(answers, labels, tokenizer)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for variant in predictions.VARIANTS:
+            predictions.write_variant(tmp / variant, texts, answers[variant], labels, results[variant])
+    timing = {"answers_s": time.perf_counter() - start}  # the phase's cost: generation dominates it
+    return {**metrics, **timing}, plot
+
+
 def run(params) -> dict:
     ex = params.export
     ref_type = hfmodel.resolve_outtype(ex.outtype, paths.MERGED_DIR)  # the label of the converted file's figures
@@ -247,11 +286,18 @@ def run(params) -> dict:
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
         ref_name=ref_type, trust_remote_code=params.model.trust_remote_code)
+    answer_metrics, answer_plot = predict(
+        params.evaluate.predict, threads=params.evaluate.threads, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
+        merged_dir=paths.MERGED_DIR, quant_gguf=paths.QUANT_GGUF, out_dir=PREDICTIONS,
+        trust_remote_code=params.model.trust_remote_code)
+    metrics = {**metrics, **answer_metrics}
     write_json(METRICS, metrics)
     write_json(PLOT, variants)
+    write_json(ANSWERS_PLOT, answer_plot)
     write_text(SAMPLES, samples)
     ref = ref_type
-    return {"ppl_merged": metrics["ppl_hf_merged"], f"ppl_{ref}": metrics[f"ppl_{ref}"], "ppl_quant": metrics["ppl_quant"],
+    return {"bleu4_merged": metrics["answers_bleu4_hf_merged"], "bleu4_quant": metrics["answers_bleu4_quant"],
+            "ppl_merged": metrics["ppl_hf_merged"], f"ppl_{ref}": metrics[f"ppl_{ref}"], "ppl_quant": metrics["ppl_quant"],
             "delta_pct": metrics["ppl_delta_pct"], "kld": metrics[f"kld_quant_vs_{ref}"],
             "size_ratio": metrics["size_ratio"], "decode_x": metrics["decode_speedup_quant_vs_hf"],
             "finetune_kept": metrics["finetune_kept"]}

@@ -253,6 +253,26 @@ def quantization_section(quantize: dict) -> list[str]:
             *_table(("type", "MB", "bits/weight", "argmax agreement", "ppl change %", "fine-tune kept", "passed"), rows)]
 
 
+ANSWER_ROWS = (("hf_base", "base (HF)"), ("hf_merged", "merged (HF)"), ("quant", "quantized (GGUF)"), ("ref", "reference"))
+
+
+def answers_section(evaluation: dict) -> list[str]:
+    """evaluate's answer figures per variant (metrics/eval.json `answers_*`, docs/answers.md)."""
+    if "answers_rows" not in evaluation:
+        return []
+    rows = [(label, *(_num(evaluation.get(f"answers_{k}_{variant}"), spec) for k, spec in (
+        ("bleu4", ".2f"), ("rouge1", ".2f"), ("rouge2", ".2f"), ("rougel", ".2f"), ("distinct2", ".3f"),
+        ("len", ".1f"), ("seqrep4", ".3f"), ("cut", ".0%"), ("empty", ".0%")))) for variant, label in ANSWER_ROWS]
+    return ["", "## Answers", "",
+            f"Greedy answers to {evaluation['answers_rows']} eval prompts (`reports/predictions/`), BLEU-4 and ROUGE as "
+            "LLaMA-Factory's `do_predict` scores them. They show comparability with LLaMA-Factory runs and "
+            "degeneration (loops, cut or empty answers), not answer quality as people judge it. The quantized "
+            f"file gives the merged model's exact answer to {_num(evaluation.get('answers_exact_quant_vs_merged'), '.0%')} "
+            f"of the prompts (BLEU-4 {_num(evaluation.get('answers_bleu4_quant_vs_merged'), '.2f')} against them).", "",
+            *_table(("variant", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "distinct-2", "mean tokens", "seq-rep-4",
+                     "cut", "empty"), rows)]
+
+
 def _num(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -304,6 +324,7 @@ def model_card(params, *, gguf: Path, meta: dict, family: str, metrics: dict[str
     rows.append(("export.quant", _get(rec, "export.quant", params.export.quant)))
     L += _table(("param", "value"), rows)
     L += quantization_section(metrics.get("quantize.json", {}))
+    L += answers_section(metrics.get("eval.json", {}))
     parity = metrics.get("quantize.json", {}).get("parity", {})
     evaluation = metrics.get("eval.json", {})
     if parity or evaluation:
