@@ -153,3 +153,22 @@ def test_the_quantized_file_is_one_static_out():
     text = (REPO_ROOT / "dvc.yaml").read_text()
     assert "${export.quant" not in text
 
+
+def test_stage_help_names_the_stage_outputs():
+    """`lorapipe <stage> --help` names every path the stage writes (its dvc.yaml outs, metrics and
+    plots; a folder named with a trailing / covers what is inside) and no path it does not write."""
+    import re
+
+    from lorapipe.cli import STAGE_HELP
+
+    for name, stage in load_stages().items():
+        written = [re.sub(r"\$\{([\w.]+)\}", r"<\1>", next(iter(o)) if isinstance(o, dict) else o)
+                   for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
+        help_text = STAGE_HELP[name]
+        named = re.findall(r"[\w.<>-]+(?:/[\w.<>-]*)+", help_text)
+        for path in written:
+            assert any(path == n.rstrip("/") or (n.endswith("/") and path.startswith(n)) or n.startswith(path + "/")
+                       for n in named), f"lorapipe {name}: the help ({help_text!r}) does not name {path}"
+        for n in named:
+            assert any(p == n.rstrip("/") or p.startswith(n) or n.startswith(p + "/") for p in written), (
+                f"lorapipe {name}: the help names {n}, which dvc.yaml does not list as the stage's output")
