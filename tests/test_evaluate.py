@@ -109,13 +109,14 @@ def test_quantize_measures_are_read_when_they_hold_for_the_files(workspace, tmp_
     measures itself) when the content hashes match its files, and measures again when one differs."""
     from test_export import RANDOM_MODEL_PARITY
 
-    from lorapipe.core.retention import Measured
+    from lorapipe.core.retention import Measured, measures_path
     from lorapipe.stages.evaluate import evaluate
     from lorapipe.stages.quantize import Files, quantize, quantize_file
 
     ws = tmp_path / "ws"
     shutil.copytree(workspace, ws)
-    kwargs, measures = run_kwargs(ws), ws / paths.QUANT_MEASURES
+    kwargs = run_kwargs(ws)
+    measures = measures_path(kwargs["quant_gguf"])
     ep = params_mod.EvaluateParams(**FAST)
     quantize(params_mod.ExportParams(quant="q4_k_m", parity=RANDOM_MODEL_PARITY, imatrix=False, threads=1), ep,
              Files(kwargs["ref_gguf"], kwargs["quant_gguf"], kwargs["merged_dir"], kwargs["base_dir"],

@@ -19,8 +19,7 @@ import pytest
 
 from conftest import build_lora_adapter, build_tiny_model, sentencepiece_model_from_gguf, write_jsonl
 from lorapipe.core import gguf_meta, llamacpp, parity
-from lorapipe.core.io import content_hash
-from lorapipe.core.retention import Measured
+from lorapipe.core.retention import Measured, content_hash
 from lorapipe.core.errors import LorapipeError
 from lorapipe.params import EvaluateParams, ExportParams, MergeParams, ParityParams, Params
 from lorapipe.stages import convert, merge, quantize

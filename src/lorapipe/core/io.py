@@ -1,4 +1,4 @@
-"""Atomic writes, line-numbered JSONL and content hashes.
+"""Atomic writes and line-numbered JSONL.
 
 Every artifact is written to a temporary sibling and renamed into place only when complete, so an
 interrupted stage (Ctrl-C, kill -9, disk full) never leaves a half-written file or folder at an
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -69,20 +68,6 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Small JSON (metrics, reports): sorted keys and a trailing newline so diffs stay readable."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, in name order): what a
-    stage records of an input so that a later reader can tell the same input from a replaced one."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
 
 
 def dump_jsonl_line(row: dict) -> str:

@@ -27,9 +27,6 @@ def gguf_path(kind: str) -> Path:
 
 # stage quantize: the quantized file, one name whatever type export.quant chose
 QUANT_GGUF = GGUF_DIR / "model-quant.gguf"
-# stage quantize: what it measured of that file and its references on the eval split, with the content
-# hash of each file measured (core/retention.Measured); stage evaluate reads it instead of measuring again
-QUANT_MEASURES = GGUF_DIR / "model-quant.measures.json"
 
 # stage package: small text files kept in git (dvc.yaml: cache: false)
 MODELFILE = GGUF_DIR / "Modelfile"

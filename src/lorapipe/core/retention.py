@@ -11,12 +11,14 @@ Two things are kept or lost:
 
 `Reference` computes the unquantized and HF sides once; `measure` then costs one llama-perplexity
 KL run and one pass of the quantized file over the assistant tokens. Stage quantize writes what it
-measured (`Measured`, with the content hash of every file it measured on) to paths.QUANT_MEASURES;
-stage evaluate reads it when the hashes match its own files instead of measuring again.
+measured (`Measured`, with the content hash of every file it measured on) beside the quantized file
+(`measures_path`); stage evaluate reads it when the hashes match its own files instead of measuring
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -26,7 +28,6 @@ from lorapipe.core import assistant_scores
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.assistant_scores import Scores
 from lorapipe.core.errors import LorapipeError
-from lorapipe.core.io import content_hash
 from lorapipe.core.log import info
 
 # Rows are cut at least at this many tokens for the assistant-token scores: a short perplexity ctx
@@ -130,6 +131,25 @@ class Reference:
         scores = self.score_gguf(gguf)
         return Figures(kl.ppl, pct(kl.ppl, self.ppl_ref), kl.kld, kl.same_top_pct, kl.rms_dp_pct, scores,
                        self.finetune_kept(scores.kld))
+
+
+def measures_path(quant_gguf: Path) -> Path:
+    """Where stage quantize records what it measured of `quant_gguf` (models/gguf/model-quant.measures.json
+    for paths.QUANT_GGUF): beside the file, named after it."""
+    return Path(quant_gguf).with_suffix(".measures.json")
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 # The inputs a Measured was measured on, by role (and how messages name them): each one's content

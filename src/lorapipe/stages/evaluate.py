@@ -130,7 +130,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
              ref_name: str = "f16", trust_remote_code: bool = False,
              measures: Path | None = None) -> tuple[dict, list[dict], str]:
     """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails.
-    `measures`: stage quantize's record of the figures it measured (paths.QUANT_MEASURES), read when it
+    `measures`: stage quantize's record of the figures it measured (retention.measures_path), read when it
     holds for these very files; without one that does, they are measured here."""
     import torch
 
@@ -317,7 +317,7 @@ def run(params) -> dict:
     metrics, variants, samples = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
-        ref_name=ref_type, trust_remote_code=params.model.trust_remote_code, measures=paths.QUANT_MEASURES)
+        ref_name=ref_type, trust_remote_code=params.model.trust_remote_code, measures=retention.measures_path(paths.QUANT_GGUF))
     write_json(METRICS, metrics)
     write_json(PLOT, variants)
     write_text(SAMPLES, samples)

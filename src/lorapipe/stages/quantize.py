@@ -160,7 +160,7 @@ class Files:
     @classmethod
     def repo(cls, ref_gguf: Path) -> "Files":
         return cls(ref_gguf, paths.QUANT_GGUF, paths.MERGED_DIR, paths.BASE_DIR, paths.EVAL_JSONL, paths.TRAIN_JSONL,
-                   paths.QUANT_MEASURES)
+                   retention.measures_path(paths.QUANT_GGUF))
 
 
 def quantize(ex: ExportParams, ep: EvaluateParams, files: Files, *, trust_remote_code: bool = False) -> dict:
@@ -319,7 +319,7 @@ def run(params) -> dict:
     hfmodel.check_folder(paths.BASE_DIR, "the base model (made by stage base: `lorapipe base`)")
     # The output's name does not say its type: a file left by an earlier run must not outlive a failed one
     # (`dvc repro` removes outs first too).
-    for stale in (paths.QUANT_GGUF, paths.QUANT_MEASURES, METRICS, PLOT):
+    for stale in (paths.QUANT_GGUF, retention.measures_path(paths.QUANT_GGUF), METRICS, PLOT):
         stale.unlink(missing_ok=True)
     metrics = quantize(ex, params.evaluate, Files.repo(ref), trust_remote_code=params.model.trust_remote_code)
     write_json(METRICS, metrics)
