@@ -193,6 +193,8 @@ class Measured:
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
             quant = {**obj["quant"], "assistant": Scores(**obj["quant"]["assistant"])}
+            if set(obj["scores"]) != {"hf_merged", "hf_base", "converted"}:
+                raise ValueError(f"scores of {sorted(obj['scores'])}, not of hf_merged, hf_base and converted")
             return cls(dict(obj["files"]), int(obj["ctx"]), int(obj["max_chunks"]), float(obj["ppl_ref"]),
                        int(obj["n_assistant"]), {k: Scores(**v) for k, v in obj["scores"].items()}, Figures(**quant))
         except (OSError, ValueError, KeyError, TypeError) as exc:
