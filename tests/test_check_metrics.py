@@ -125,14 +125,17 @@ PRODUCERS = [
     ("quantize", "stages/quantize.py", "size_metrics", "return", ""),
     ("quantize", "stages/quantize.py", "candidate_row", "return", "candidates.*."),
     ("quantize", "core/parity.py", "check_f16", "rep.figures", "parity."),
-    ("quantize", "core/parity.py", "check_quant", "rep.figures", "parity."),
-    ("eval", "stages/evaluate.py", "evaluate", "metrics", ""),
+    *(("quantize", "core/parity.py", phase, "return", "parity.")
+      for phase in ("_check_tokens", "_check_template", "_check_stop_tokens", "_check_generation", "_check_logits")),
+    ("quantize", "core/parity.py", "QuantCheck.check", "rep.figures", "parity."),
+    ("eval", "stages/evaluate.py", "eval_metrics", "metrics", ""),
     ("eval", "stages/evaluate.py", "predict", "timing", ""),
     ("eval", "core/predictions.py", "variant_metrics", "return", ""),
     ("eval", "core/predictions.py", "shared_metrics", "return", ""),
 ]
 # `**x` in those dicts: each spreads the dict of a producer above.
-SPREADS = {"total.as_dict()", "sizes", "ref_report.figures", "quant_report.figures"}
+SPREADS = {"total.as_dict()", "chosen.sizes", "ref_report.figures", "quant_report.figures",
+           "tokens", "template", "stop_tokens", "generation", "logits"}
 
 
 def function(module: str, qualname: str) -> tuple[ast.Module, ast.AST]:

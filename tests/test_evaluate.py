@@ -123,6 +123,49 @@ def test_stage_writes_metrics_plot_and_samples(workspace, monkeypatch):
     assert [r["variant"] for r in plot] == ["base (HF)", "merged (HF)", "quantized (GGUF)"]
 
 
+def test_quantize_measures_are_read_when_they_hold_for_the_files(workspace, tmp_path, capsys):
+    """Stage quantize records what its gates measured; evaluate reads those figures (the same numbers it
+    measures itself) when the content hashes match its files, and measures again when one differs."""
+    from test_export import RANDOM_MODEL_PARITY
+
+    from lorapipe.core.retention import Measured, measures_path
+    from lorapipe.stages.evaluate import evaluate
+    from lorapipe.stages.quantize import Files, quantize, quantize_file
+
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace, ws)
+    kwargs = run_kwargs(ws)
+    measures = measures_path(kwargs["quant_gguf"])
+    ep = params_mod.EvaluateParams(**FAST)
+    quantize(params_mod.ExportParams(quant="q4_k_m", parity=RANDOM_MODEL_PARITY, imatrix=False, threads=1), ep,
+             Files(kwargs["ref_gguf"], kwargs["quant_gguf"], kwargs["merged_dir"], kwargs["base_dir"],
+                   kwargs["eval_jsonl"], measures=measures))
+    capsys.readouterr()
+
+    here, _, _ = evaluate(ep, **kwargs)
+    assert "KL divergence model-quant.gguf" in capsys.readouterr().err
+    read, variants, _ = evaluate(ep, **kwargs, measures=measures)
+    err = capsys.readouterr().err
+    assert f"figures from {measures}" in err and "KL divergence" not in err and "assistant tokens" not in err
+    speeds = {k for k in here if "tok_s" in k or "speedup" in k}
+    assert speeds and set(read) == set(here)
+    differ = {k: (here[k], read[k]) for k in here.keys() - speeds
+              if read[k] != (pytest.approx(here[k], rel=1e-9) if isinstance(here[k], float) else here[k])}
+    assert differ == {}
+    assert variants[3]["ppl"] == read["ppl_quant"] == Measured.read(measures).quant.ppl
+
+    # another quantized file at the same path: its hash differs, so evaluate measures it
+    quantize_file(kwargs["ref_gguf"], kwargs["quant_gguf"], "q8_0")
+    other, _, _ = evaluate(ep, **kwargs, measures=measures)
+    err = capsys.readouterr().err
+    assert "was measured on another quantized file (content hash differs): measuring" in err and "KL divergence" in err
+    assert other["quant"] == "q8_0" and other["ppl_quant"] != read["ppl_quant"]
+
+    measures.write_text("{}")
+    with pytest.raises(LorapipeError, match=re.escape(f"{measures}: not a record of stage quantize's measures")):
+        evaluate(ep, **kwargs, measures=measures)
+
+
 def test_quantization_gate_fails_above_threshold(workspace):
     from lorapipe.stages.evaluate import evaluate
 

@@ -20,11 +20,11 @@ import pytest
 
 from lorapipe.core import gguf_meta, parity
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import EvaluateParams, ParityParams
+from lorapipe.params import EvaluateParams, ExportParams, ParityParams
 from lorapipe.stages.convert import convert
 from lorapipe.stages.merge import merge
 from lorapipe.core.retention import Gates
-from lorapipe.stages.quantize import check_type, quantize, valid_types
+from lorapipe.stages.quantize import Files, check_type, quantize, valid_types
 
 # Eval-split-like rows (ShareGPT): the parity gate renders them up to the last user turn.
 EVAL_ROWS = [
@@ -46,7 +46,6 @@ EVAL_ROWS = [
 RANDOM_MODEL_PARITY = ParityParams(max_new_tokens=8, min_argmax_agreement_quant=0.5, max_abs_logit_diff=0.02)
 # evaluate's defaults: the gates and the perplexity chunks quantize measures them on
 DEFAULT_GATES = Gates(EvaluateParams().max_ppl_delta_pct, EvaluateParams().min_finetune_kept)
-SCORING = {"ctx": EvaluateParams().ctx, "max_chunks": EvaluateParams().max_chunks}
 CANDIDATES = ["q4_k_m", "q5_k_m", "q6_k", "q8_0"]
 
 
@@ -61,13 +60,24 @@ def exported(tiny_adapter, tmp_path_factory):
     return merged, f16, result
 
 
-def run_quantize(exported, tiny_adapter, out, quant, **kwargs):
-    """Stage quantize's function on the shared tiny model: its merged folder, base and F16 file."""
+def write_rows(path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_quantize(exported, tiny_adapter, out, quant, *, gates=DEFAULT_GATES, candidates=CANDIDATES, train_rows=None,
+                 **files):
+    """Stage quantize's function on the shared tiny model: its merged folder, base and F16 file, the
+    eval rows above; `train_rows` turns the importance matrix on."""
     merged, f16, _ = exported
     base, _ = tiny_adapter("llama")
-    kwargs = {"eval_rows": EVAL_ROWS, "parity_params": RANDOM_MODEL_PARITY, "gates": DEFAULT_GATES,
-              "candidates": CANDIDATES, "merged_dir": merged, "base_dir": base, **SCORING, **kwargs}
-    return quantize(kwargs.pop("ref_gguf", f16), out, quant, **kwargs)
+    inputs = f16.parent  # the module's folder: tests list their own
+    ex = ExportParams(quant=quant, quant_candidates=candidates, parity=RANDOM_MODEL_PARITY, imatrix=train_rows is not None)
+    ep = EvaluateParams(max_ppl_delta_pct=gates.max_ppl_delta_pct, min_finetune_kept=gates.min_finetune_kept)
+    files = {"ref_gguf": f16, "out": out, "merged_dir": merged, "base_dir": base,
+             "eval_jsonl": write_rows(inputs / "eval.jsonl", EVAL_ROWS),
+             "train_jsonl": write_rows(inputs / "train.jsonl", train_rows or []), **files}
+    return quantize(ex, ep, Files(**files))
 
 
 def test_convert_writes_chat_metadata(exported):
@@ -300,6 +310,6 @@ def test_truncated_gguf_is_a_clear_error(exported, tmp_path):
     with pytest.raises(LorapipeError, match=r"model-f16.gguf: (not a readable GGUF file|llama.cpp failed to load)"):
         parity.load_gguf(broken)
     with pytest.raises(LorapipeError, match=r"model-f16.gguf: not a readable GGUF file"):
-        quantize(broken, tmp_path / "q.gguf", "Q8_0", merged_dir=merged, base_dir=merged, eval_rows=EVAL_ROWS,
-                 parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES, candidates=CANDIDATES, **SCORING)
+        quantize(ExportParams(quant="Q8_0", imatrix=False), EvaluateParams(),
+                 Files(broken, tmp_path / "q.gguf", merged, merged, write_rows(tmp_path / "eval.jsonl", EVAL_ROWS)))
     assert not (tmp_path / "q.gguf").exists()

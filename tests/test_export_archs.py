@@ -19,11 +19,11 @@ import pytest
 
 from conftest import build_lora_adapter, build_tiny_model, sentencepiece_model_from_gguf, write_jsonl
 from lorapipe.core import gguf_meta, llamacpp, parity
-from lorapipe.core.retention import Gates
+from lorapipe.core.retention import Measured, content_hash
 from lorapipe.core.errors import LorapipeError
-from lorapipe.params import ExportParams, MergeParams, ParityParams, Params
+from lorapipe.params import EvaluateParams, ExportParams, MergeParams, ParityParams, Params
 from lorapipe.stages import convert, merge, quantize
-from test_export import EVAL_ROWS, SCORING
+from test_export import EVAL_ROWS
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,14 @@ def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
 
 # These tests are about each architecture's conversion and parity: the quality gates stay open
 # (random weights keep no fine-tune worth measuring; tests/test_finetune_kept.py tests those gates).
-OPEN_GATES = Gates(max_ppl_delta_pct=1000.0, min_finetune_kept=-1000.0)
+OPEN_GATES = EvaluateParams(max_ppl_delta_pct=1000.0, min_finetune_kept=-1000.0)
+
+
+def quantize_files(f16: Path, out: Path, merged: Path, root: Path) -> quantize.Files:
+    """Stage quantize's inputs in `root` (as _exported makes them) and its output at `out`."""
+    eval_jsonl = root / "eval.jsonl"
+    write_jsonl(eval_jsonl, EVAL_ROWS)
+    return quantize.Files(f16, out, merged, root / "base", eval_jsonl)
 
 
 def _exported(arch, hidden, tokenizer_dir, root):
@@ -100,8 +107,8 @@ def test_architecture_end_to_end(arch, hidden, tokenizer, request, tmp_path):
         # (docs/toolchain.md#gguf-source): the quality gates need the same token ids on both sides and
         # refuse with a clear error; the conversion and parity checks run on their own below.
         with pytest.raises(LorapipeError, match=r"the eval text tokenizes differently in transformers and in llama.cpp"):
-            quantize.quantize(f16, tmp_path / "refused.gguf", "Q8_0", merged_dir=merged, base_dir=tmp_path / "base",
-                              eval_rows=EVAL_ROWS, parity_params=PARITY, gates=OPEN_GATES, candidates=["Q8_0"], **SCORING)
+            quantize.quantize(ExportParams(quant="Q8_0", parity=PARITY, imatrix=False), OPEN_GATES,
+                              quantize_files(f16, tmp_path / "refused.gguf", merged, tmp_path))
         assert not (tmp_path / "refused.gguf").exists()
     figures = {}
     for quant in ("Q4_K_M", "Q8_0"):
@@ -109,8 +116,8 @@ def test_architecture_end_to_end(arch, hidden, tokenizer, request, tmp_path):
         if tokenizer == "sentencepiece":
             m = parity_only(f16, out, quant, merged)
         else:
-            m = quantize.quantize(f16, out, quant, merged_dir=merged, base_dir=tmp_path / "base", eval_rows=EVAL_ROWS,
-                                  parity_params=PARITY, gates=OPEN_GATES, candidates=[quant], **SCORING)
+            m = quantize.quantize(ExportParams(quant=quant, parity=PARITY, imatrix=False), OPEN_GATES,
+                                  quantize_files(f16, out, merged, tmp_path))
         p = m["parity"]
         assert p["passed"] and p["tokens_match"] == p["template_match"] == p["n_prompts"] == 3
         assert p["bos_doubled"] == 0 and p["stop_tokens_ok"] and p["f16_argmax_agreement"] >= 0.98
@@ -151,8 +158,14 @@ def test_stage_runs_on_repo_paths(tiny_adapter, tmp_path, monkeypatch):
     metrics = json.loads(Path("metrics/quantize.json").read_text())
     assert metrics["imatrix"] is True and metrics["parity"]["passed"] is True
     assert metrics["tensor_types"] == {"F32": 5, "Q8_0": 15}
-    assert sorted(os.listdir("models/gguf")) == ["model-auto.gguf", "model-quant.gguf"]
+    assert sorted(os.listdir("models/gguf")) == ["model-auto.gguf", "model-quant.gguf", "model-quant.measures.json"]
     assert gguf_meta.file_type("models/gguf/model-quant.gguf") == "Q8_0"
+    # what the gates measured, for evaluate: the chosen row's figures, recorded with the file's hash
+    measured = Measured.read(Path("models/gguf/model-quant.measures.json"))
+    assert measured.quant.ppl_delta_pct == metrics["candidates"][-1]["ppl_delta_pct"]
+    assert measured.ppl_ref == metrics["ppl_unquantized"]
+    assert measured.files["quantized"] == content_hash("models/gguf/model-quant.gguf")
+    assert measured.files["converted"] == content_hash("models/gguf/model-auto.gguf")
 
     # a failed rerun leaves neither the file nor the metrics of the run before it
     impossible = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_ppl_delta_pct": -1.0})})

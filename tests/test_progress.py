@@ -53,7 +53,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     """base (dequantize, save), merge, convert, quantize (imatrix, llama-quantize, parity per prompt),
     evaluate (perplexity per variant and chunk, llama-bench runs, HF speed runs, samples)."""
     from test_evaluate import FAST, eval_rows, write_rows
-    from test_export import CANDIDATES, DEFAULT_GATES, EVAL_ROWS, RANDOM_MODEL_PARITY, SCORING
+    from test_export import EVAL_ROWS, RANDOM_MODEL_PARITY
 
     from lorapipe import params as params_mod
     from lorapipe.core import paths
@@ -61,7 +61,7 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     from lorapipe.stages.base import _save_from_gguf
     from lorapipe.stages.convert import convert
     from lorapipe.stages.merge import merge
-    from lorapipe.stages.quantize import quantize
+    from lorapipe.stages.quantize import Files, quantize
 
     _, tiny_f16 = tiny_gguf("random")
     _save_from_gguf(tiny_f16, tmp_path / "base-from-gguf")
@@ -70,10 +70,12 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     merge(base, adapter, ws / paths.MERGED_DIR)
     shutil.copytree(base, ws / paths.BASE_DIR)
     convert(ws / paths.MERGED_DIR, ws / paths.gguf_path("f16"), "f16")
-    quantize(ws / paths.gguf_path("f16"), ws / paths.QUANT_GGUF, "q4_k_m", merged_dir=ws / paths.MERGED_DIR,
-             base_dir=ws / paths.BASE_DIR, eval_rows=EVAL_ROWS, parity_params=RANDOM_MODEL_PARITY, gates=DEFAULT_GATES,
-             candidates=CANDIDATES, train_rows=EVAL_ROWS * 8, **SCORING)
-    write_rows(ws / paths.EVAL_JSONL, eval_rows(24))
+    write_rows(ws / paths.EVAL_JSONL, EVAL_ROWS)
+    write_rows(ws / paths.TRAIN_JSONL, EVAL_ROWS * 8)
+    quantize(params_mod.ExportParams(quant="q4_k_m", parity=RANDOM_MODEL_PARITY), params_mod.EvaluateParams(),
+             Files(ws / paths.gguf_path("f16"), ws / paths.QUANT_GGUF, ws / paths.MERGED_DIR, ws / paths.BASE_DIR,
+                   ws / paths.EVAL_JSONL, ws / paths.TRAIN_JSONL))
+    write_rows(ws / paths.EVAL_JSONL, eval_rows(24))  # no record of quantize's (Files.measures): evaluate measures
     monkeypatch.chdir(ws)
     evaluate.run(params_mod.parse({"evaluate": FAST, "export": {"outtype": "f16"}}))
 

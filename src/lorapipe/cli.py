@@ -11,15 +11,21 @@ import importlib
 import sys
 
 STAGES = ("base", "ingest", "clean", "train", "merge", "convert", "quantize", "evaluate", "package")
+# Each names the paths the stage writes, its dvc.yaml outs (tests/test_dvc_graph.py checks the two agree).
 STAGE_HELP = {
     "base": "materialise the base model as a plain HF folder (models/base/)",
     "ingest": "read every data source into ShareGPT rows (data/raw/<source>.jsonl)",
     "clean": "validate, filter, dedupe and split (data/clean/, metrics/data.json)",
-    "train": "LoRA fine-tune the base model (models/adapter/, metrics/train.json)",
+    "train": "LoRA fine-tune the base model (models/adapter/, metrics/train.json, dvclive/; "
+             "models/checkpoints/ until it finishes)",
     "merge": "merge the adapter into the base (models/merged/)",
     "convert": "convert the merged model to GGUF with llama.cpp (models/gguf/model-<export.outtype>.gguf)",
-    "quantize": "quantize the GGUF with llama-quantize and check parity (models/gguf/model-<quant>.gguf)",
-    "evaluate": "perplexity, KLD, size and speed of every variant (metrics/eval.json)",
+    "quantize": "quantize the GGUF with llama-quantize to the first type that passes the parity and quality gates "
+                "(models/gguf/model-quant.gguf, models/gguf/model-quant.measures.json, metrics/quantize.json, "
+                "plots/quant_candidates.json)",
+    "evaluate": "perplexity, KLD, size and speed of every variant, their answers to the eval prompts and the "
+                "answers' scores (metrics/eval.json, plots/variants.json, plots/answers.json, reports/samples.md, "
+                "reports/predictions/)",
     "package": "write the Ollama Modelfile and the model card (models/gguf/Modelfile, models/README.md)",
 }
 

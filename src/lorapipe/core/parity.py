@@ -207,20 +207,28 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
               trust_remote_code: bool = False, threads: int = 2) -> tuple[Report, list[list[int]]]:
     """Tokens, template, stop tokens, greedy stop and logits of the converted GGUF vs the HF folder.
     Returns the report and the prompt ids (llama.cpp's tokenization) for the quant check."""
-    import torch
-
     rep = Report()
     tokenizer = load_tokenizer(merged_dir, trust_remote_code)
     texts = [render(tokenizer, c) for c in conversations]
     hf_token_ids = [hf_ids(tokenizer, t) for t in texts]
     gguf_budget = 2 * parity.max_new_tokens  # room for an answer that took another (near-tie) path
-    n_ctx = max(64, max(len(x) for x in hf_token_ids) + gguf_budget + 8)
-    llm = load_gguf(gguf_path, n_ctx=n_ctx, threads=threads)
-    meta = llm.metadata
+    llm = load_gguf(gguf_path, n_ctx=max(64, max(len(x) for x in hf_token_ids) + gguf_budget + 8), threads=threads)
+    try:
+        ll_ids = [llama_chat_ids(llm, t) for t in texts]
+        tokens = _check_tokens(rep, tokenizer, llm, hf_token_ids, ll_ids)
+        template = _check_template(rep, tokenizer, llm, conversations, texts, gguf_path)
+        stop_tokens = _check_stop_tokens(rep, tokenizer, llm)
+        diffs, agrees, hf_stops = _run_hf(merged_dir, trust_remote_code, tokenizer, llm, hf_token_ids, parity)
+        generation = _check_generation(rep, llm, ll_ids, hf_stops, gguf_budget, parity, gguf_path)
+        logits = _check_logits(rep, diffs, agrees, parity, gguf_path)
+    finally:
+        llm.close()
+    rep.figures = {"n_prompts": len(conversations), **tokens, **template, **stop_tokens, **generation, **logits}
+    return rep, ll_ids
 
-    # (1) tokens, BOS once
-    ll_ids = [llama_chat_ids(llm, t) for t in texts]
-    token_matches = sum(a == b for a, b in zip(hf_token_ids, ll_ids))
+
+def _check_tokens(rep: Report, tokenizer, llm, hf_token_ids: list[list[int]], ll_ids: list[list[int]]) -> dict:
+    """(1) the same token ids on both sides, BOS once."""
     for i, (a, b) in enumerate(zip(hf_token_ids, ll_ids)):
         if a != b:
             rep.failures.append(token_diff(tokenizer, i, a, b))
@@ -228,9 +236,13 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
     doubled = sum(1 for ids in ll_ids if len(ids) > 1 and ids[0] == bos and ids[1] == bos)
     if doubled:
         rep.failures.append(f"{doubled} prompt(s) start with BOS (id {bos}) twice in llama.cpp's tokenization")
+    return {"tokens_match": sum(a == b for a, b in zip(hf_token_ids, ll_ids)), "bos_doubled": doubled,
+            "add_bos": adds_bos(llm)}
 
-    # (2) template: the GGUF's own template string renders the same text as the HF one
-    gguf_template = meta.get("tokenizer.chat_template")
+
+def _check_template(rep: Report, tokenizer, llm, conversations: list[list[dict]], texts: list[str], gguf_path) -> dict:
+    """(2) the GGUF's own template string renders the same text as the HF one."""
+    gguf_template = llm.metadata.get("tokenizer.chat_template")
     template_matches = 0
     if not gguf_template:
         rep.failures.append(f"{gguf_path}: no tokenizer.chat_template in the GGUF metadata")
@@ -241,11 +253,14 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
                 template_matches += 1
             else:
                 rep.failures.append(text_diff(i, t, g))
+    return {"template_match": template_matches}
 
-    # (2b) the template's end-of-turn token is EOS/EOT in the GGUF and llama.cpp ends generation on it
-    eot_text = end_of_turn_token(tokenizer.chat_template, tokenizer.get_vocab())
+
+def _check_stop_tokens(rep: Report, tokenizer, llm) -> dict:
+    """(2b) the template's end-of-turn token is EOS/EOT in the GGUF and llama.cpp ends generation on it."""
     import llama_cpp
 
+    eot_text = end_of_turn_token(tokenizer.chat_template, tokenizer.get_vocab())
     eos_id, eot_id = llm.token_eos(), llama_cpp.llama_vocab_eot(vocab(llm))
     stop_ids_ok = True
     if eot_text is not None:
@@ -260,8 +275,15 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
         if piece != [eot_hf]:
             stop_ids_ok = False
             rep.failures.append(f"llama.cpp splits {eot_text!r} into {piece} instead of the single token {eot_hf} (token type not CONTROL?)")
+    return {"eos_id": eos_id, "eot_id": eot_id, "stop_tokens_ok": stop_ids_ok}
 
-    # (3) logits of the converted GGUF vs the HF model, every prompt position
+
+def _run_hf(merged_dir, trust_remote_code: bool, tokenizer, llm, hf_token_ids: list[list[int]],
+            parity) -> tuple[list[float], list[float], list[tuple[bool, int]]]:
+    """(3) logits of the HF model against the GGUF's at every prompt position (max |diff|, argmax
+    agreement per prompt), and (4) the HF model's greedy answers; the model is freed on return."""
+    import torch
+
     model = load_causal_lm(merged_dir, trust_remote_code, dtype=torch.float32)
     model.eval()
     diffs, agrees = [], []
@@ -271,13 +293,22 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
             d, a = compare_logits(hf, gguf_logits(llm, ids))
             diffs.append(d)
             agrees.append(a)
+    return diffs, agrees, hf_greedy_stops(model, tokenizer, hf_token_ids, parity.max_new_tokens)
 
-    # (4) greedy generation: the GGUF stops wherever the HF model stops
-    hf_stops = hf_greedy_stops(model, tokenizer, hf_token_ids, parity.max_new_tokens)
-    del model
+
+def _check_generation(rep: Report, llm, ll_ids: list[list[int]], hf_stops: list[tuple[bool, int]], gguf_budget: int,
+                      parity, gguf_path) -> dict:
+    """(4) greedy generation: the GGUF stops wherever the HF model stops."""
     stops = [greedy_stops(llm, ids, gguf_budget)
              for ids in progress(ll_ids, "quantize: parity, greedy stop", unit="prompt")]
     stops_on_its_own = compare_stops(Path(gguf_path).name, hf_stops, stops, parity.max_new_tokens, rep)
+    return {"stop_fraction": sum(s for s, _ in stops) / len(stops), "gen_tokens": [n for _, n in stops],
+            "hf_stop_fraction": sum(s for s, _ in hf_stops) / len(hf_stops), "hf_gen_tokens": [n for _, n in hf_stops],
+            "stops_on_its_own": stops_on_its_own}
+
+
+def _check_logits(rep: Report, diffs: list[float], agrees: list[float], parity, gguf_path) -> dict:
+    """(3) the logits' limits: max |HF - GGUF| and argmax agreement."""
     max_diff, agreement = max(diffs), float(np.mean(agrees))
     # The limit is for F16 weights; BF16 keeps 3 fewer mantissa bits, so its rounding moves logits ~8x
     # as far (docs/quantization.md: the measured figures).
@@ -291,51 +322,48 @@ def check_f16(merged_dir: str | Path, gguf_path: str | Path, conversations: list
                                "overflow float16 (Gemma-3 does); use export.outtype: auto or bf16"))
     if agreement < parity.min_argmax_agreement:
         rep.failures.append(f"logits: argmax agreement {agreement:.3f} < export.parity.min_argmax_agreement = {parity.min_argmax_agreement}")
+    return {"f16_max_abs_logit_diff": max_diff,
+            "max_abs_logit_diff_limit": limit,  # export.parity.max_abs_logit_diff, x 8 for BF16 weights
+            "f16_argmax_agreement": agreement}
 
-    rep.figures = {
-        "n_prompts": len(conversations),
-        "tokens_match": token_matches,
-        "template_match": template_matches,
-        "bos_doubled": doubled,
-        "add_bos": adds_bos(llm),
-        "eos_id": eos_id,
-        "eot_id": eot_id,
-        "stop_tokens_ok": stop_ids_ok,
-        "stop_fraction": sum(s for s, _ in stops) / len(stops),
-        "gen_tokens": [n for _, n in stops],
-        "hf_stop_fraction": sum(s for s, _ in hf_stops) / len(hf_stops),
-        "hf_gen_tokens": [n for _, n in hf_stops],
-        "stops_on_its_own": stops_on_its_own,
-        "f16_max_abs_logit_diff": max_diff,
-        "max_abs_logit_diff_limit": limit,  # export.parity.max_abs_logit_diff, x 8 for BF16 weights
-        "f16_argmax_agreement": agreement,
-    }
-    llm.close()
-    return rep, ll_ids
+
+class QuantCheck:
+    """Argmax agreement (and max |Δlogit|) of quantized GGUFs vs the reference (f16) GGUF on the prompt
+    ids: the reference is loaded and its logits computed once, for every file checked."""
+
+    def __init__(self, ref_gguf: str | Path, prompt_ids: list[list[int]], parity, *, threads: int = 2):
+        self.ref_gguf, self.prompt_ids, self.parity, self.threads = Path(ref_gguf), prompt_ids, parity, threads
+        self.n_ctx = max(64, max(len(x) for x in prompt_ids) + 8)
+        ref = load_gguf(ref_gguf, n_ctx=self.n_ctx, threads=threads)
+        try:
+            self.ref_logits = [gguf_logits(ref, ids) for ids in progress(prompt_ids, "quantize: parity, f16 logits", unit="prompt")]
+        finally:
+            ref.close()
+
+    def check(self, quant_gguf: str | Path, name: str | None = None) -> Report:
+        """`name` is how failures call the quantized file (default: its file name)."""
+        rep, parity = Report(), self.parity
+        quant = load_gguf(quant_gguf, n_ctx=self.n_ctx, threads=self.threads)
+        try:
+            diffs, agrees = zip(*(compare_logits(r, gguf_logits(quant, ids))
+                                  for r, ids in progress(list(zip(self.ref_logits, self.prompt_ids)),
+                                                         "quantize: parity, quantized logits", unit="prompt")))
+        finally:
+            quant.close()
+        agreement = float(np.mean(agrees))
+        if not agreement >= parity.min_argmax_agreement_quant:  # written so that NaN fails too
+            rep.failures.append(
+                f"{name or Path(quant_gguf).name}: its top token differs from {self.ref_gguf.name}'s on {1 - agreement:.0%} of "
+                f"the prompt positions (agreement {agreement:.3f} < export.parity.min_argmax_agreement_quant = "
+                f"{parity.min_argmax_agreement_quant}; per prompt: {', '.join(f'{a:.2f}' for a in agrees)}). The quantized "
+                "file is not the converted model any more: use a finer type (q6_k or q8_0 among export.quant_candidates) or "
+                "export.imatrix: true. If models/base came from a quantized GGUF, re-quantizing can snap the weights back "
+                "to that file's grid and erase the fine-tune: start from full-precision weights or use q8_0.")
+        rep.figures = {"quant_argmax_agreement": agreement, "quant_max_abs_logit_diff": float(max(diffs))}
+        return rep
 
 
 def check_quant(ref_gguf: str | Path, quant_gguf: str | Path, prompt_ids: list[list[int]], parity, *, threads: int = 2,
                 name: str | None = None) -> Report:
-    """Argmax agreement (and max |Δlogit|) of the quantized GGUF vs the reference (f16) GGUF; `name` is
-    how failures call the quantized file (default: its file name)."""
-    rep = Report()
-    n_ctx = max(64, max(len(x) for x in prompt_ids) + 8)
-    ref = load_gguf(ref_gguf, n_ctx=n_ctx, threads=threads)
-    ref_logits = [gguf_logits(ref, ids) for ids in progress(prompt_ids, "quantize: parity, f16 logits", unit="prompt")]
-    ref.close()
-    quant = load_gguf(quant_gguf, n_ctx=n_ctx, threads=threads)
-    diffs, agrees = zip(*(compare_logits(r, gguf_logits(quant, ids))
-                          for r, ids in progress(list(zip(ref_logits, prompt_ids)), "quantize: parity, quantized logits",
-                                                 unit="prompt")))
-    quant.close()
-    agreement = float(np.mean(agrees))
-    if not agreement >= parity.min_argmax_agreement_quant:  # written so that NaN fails too
-        rep.failures.append(
-            f"{name or Path(quant_gguf).name}: its top token differs from {Path(ref_gguf).name}'s on {1 - agreement:.0%} of the "
-            f"prompt positions (agreement {agreement:.3f} < export.parity.min_argmax_agreement_quant = "
-            f"{parity.min_argmax_agreement_quant}; per prompt: {', '.join(f'{a:.2f}' for a in agrees)}). The quantized "
-            "file is not the converted model any more: use a finer type (q6_k or q8_0 among export.quant_candidates) or "
-            "export.imatrix: true. If models/base came from a quantized GGUF, re-quantizing can snap the weights back "
-            "to that file's grid and erase the fine-tune: start from full-precision weights or use q8_0.")
-    rep.figures = {"quant_argmax_agreement": agreement, "quant_max_abs_logit_diff": float(max(diffs))}
-    return rep
+    """QuantCheck of one quantized file."""
+    return QuantCheck(ref_gguf, prompt_ids, parity, threads=threads).check(quant_gguf, name)

@@ -10,13 +10,18 @@ Two things are kept or lost:
   quantized file predicts like the merged model, 0 when it predicts like the base.
 
 `Reference` computes the unquantized and HF sides once; `measure` then costs one llama-perplexity
-KL run and one pass of the quantized file over the assistant tokens.
+KL run and one pass of the quantized file over the assistant tokens. Stage quantize writes what it
+measured (`Measured`, with the content hash of every file it measured on) beside the quantized file
+(`measures_path`); stage evaluate reads it when the hashes match its own files instead of measuring
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorapipe.core import assistant_scores
@@ -58,19 +63,21 @@ class Reference:
     """The unquantized GGUF's perplexity (its logits saved for KL runs) and the assistant-token log-probs
     of the HF merged model (the reference) and base, all on the same token ids.
 
-    Call `add_hf("hf_merged", model)` first, then `add_hf("hf_base", model)`; each model can be freed
-    after its call, so only one is in memory at a time."""
+    Making one tokenizes the eval text (`stream`, `plan`, `examples`); `add_unquantized()` runs
+    llama-perplexity on the unquantized file. Call `add_hf("hf_merged", model)` first, then
+    `add_hf("hf_base", model)`; each model can be freed after its call, so only one is in memory at a
+    time."""
 
     def __init__(self, rows: list[dict], tokenizer, eval_jsonl: Path, ref_gguf: Path, work: Path, *,
                  ctx: int, max_chunks: int, threads: int):
-        self.ref_gguf, self.threads = Path(ref_gguf), threads
+        self.rows, self.ref_gguf, self.threads = rows, Path(ref_gguf), threads
         self.text_file, self.logits_file = Path(work) / "eval.txt", Path(work) / "reference.logits"
         text = ppl.render_text(rows, tokenizer, eval_jsonl)
         self.text_file.write_text(text, encoding="utf-8")
         self.stream = ppl.check_same_ids(tokenizer, ppl.hf_text_ids(tokenizer, text),
                                          ppl.llama_text_ids(self.ref_gguf, self.text_file), self.ref_gguf)
         self.plan = ppl.plan_chunks(len(self.stream.ids), ctx, max_chunks, eval_jsonl)
-        self.ppl_ref = ppl.gguf_perplexity(self.ref_gguf, self.text_file, self.plan, threads, self.logits_file)
+        self.ppl_ref: float | None = None
         cutoff = max(ctx, MIN_ASSISTANT_CUTOFF)
         self.examples = assistant_scores.examples(rows, tokenizer, cutoff, self.plan.scored)
         if not self.examples:
@@ -78,6 +85,11 @@ class Reference:
         self.n_assistant = sum(len(assistant_scores.positions(e)[0]) for e in self.examples)
         self.scores: dict[str, Scores] = {}
         self._merged_logprobs: list = []
+
+    def add_unquantized(self) -> float:
+        """The unquantized file's perplexity; its logits are kept for the KL runs of `measure`."""
+        self.ppl_ref = ppl.gguf_perplexity(self.ref_gguf, self.text_file, self.plan, self.threads, self.logits_file)
+        return self.ppl_ref
 
     def add_hf(self, key: str, model) -> Scores:
         """Score a transformers model; the first one added ("hf_merged") is the reference."""
@@ -112,12 +124,91 @@ class Reference:
         return assistant_scores.finetune_kept(kld_quant, self.kld_base) if self.finetune_measurable else None
 
     def measure(self, gguf: Path) -> Figures:
-        if "hf_base" not in self.scores:
-            raise RuntimeError("Reference.measure needs add_hf('hf_merged', ...) and add_hf('hf_base', ...) first")
+        if "hf_base" not in self.scores or self.ppl_ref is None:
+            raise RuntimeError("Reference.measure needs add_unquantized(), add_hf('hf_merged', ...) and "
+                               "add_hf('hf_base', ...) first")
         kl = ppl.gguf_kl_divergence(gguf, self.logits_file, self.plan, self.threads)
         scores = self.score_gguf(gguf)
         return Figures(kl.ppl, pct(kl.ppl, self.ppl_ref), kl.kld, kl.same_top_pct, kl.rms_dp_pct, scores,
                        self.finetune_kept(scores.kld))
+
+
+def measures_path(quant_gguf: Path) -> Path:
+    """Where stage quantize records what it measured of `quant_gguf` (models/gguf/model-quant.measures.json
+    for paths.QUANT_GGUF): beside the file, named after it."""
+    return Path(quant_gguf).with_suffix(".measures.json")
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+# The inputs a Measured was measured on, by role (and how messages name them): each one's content
+# hash is recorded and compared.
+ROLES = {"eval_split": "eval split", "base": "base model", "merged": "merged model", "converted": "converted file",
+         "quantized": "quantized file"}
+
+
+def fingerprints(*, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> dict[str, str]:
+    inputs = dict(zip(ROLES, (eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)))
+    return {role: content_hash(path) for role, path in inputs.items()}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Everything measured of one quantized file and its references on the eval split: the
+    unquantized file's perplexity, the assistant-token scores of hf_merged, hf_base and the
+    unquantized file ("converted"), and the quantized file's Figures. `files` holds the content hash
+    of each input by role (ROLES) and `ctx`, `max_chunks` the chunking: the figures hold for exactly
+    those."""
+    files: dict[str, str]
+    ctx: int
+    max_chunks: int
+    ppl_ref: float
+    n_assistant: int
+    scores: dict[str, Scores]
+    quant: Figures
+
+    @classmethod
+    def of(cls, reference: Reference, quant: Figures, converted: Scores, files: dict[str, str], *, ctx: int,
+           max_chunks: int) -> "Measured":
+        scores = {"hf_merged": reference.scores["hf_merged"], "hf_base": reference.scores["hf_base"], "converted": converted}
+        return cls(files, ctx, max_chunks, reference.ppl_ref, reference.n_assistant, scores, quant)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path: Path) -> "Measured":
+        """The record at `path`; LorapipeError naming the file when it is not one."""
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+            quant = {**obj["quant"], "assistant": Scores(**obj["quant"]["assistant"])}
+            if set(obj["scores"]) != {"hf_merged", "hf_base", "converted"}:
+                raise ValueError(f"scores of {sorted(obj['scores'])}, not of hf_merged, hf_base and converted")
+            return cls(dict(obj["files"]), int(obj["ctx"]), int(obj["max_chunks"]), float(obj["ppl_ref"]),
+                       int(obj["n_assistant"]), {k: Scores(**v) for k, v in obj["scores"].items()}, Figures(**quant))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LorapipeError(f"{path}: not a record of stage quantize's measures ({type(exc).__name__}: {exc}); "
+                                "rerun `lorapipe quantize`") from None
+
+    def mismatch(self, files: dict[str, str], *, ctx: int, max_chunks: int) -> str | None:
+        """Why these figures do not hold for `files` and this chunking; None when they do."""
+        changed = [words for role, words in ROLES.items() if self.files.get(role) != files[role]]
+        if changed:
+            return f"measured on another {', '.join(changed)} (content hash differs)"
+        if (self.ctx, self.max_chunks) != (ctx, max_chunks):
+            return f"measured with ctx {self.ctx}, max_chunks {self.max_chunks}, not {ctx}, {max_chunks}"
+        return None
 
 
 def gate_failures(gates: Gates, figures: Figures, *, quant_gguf: Path, quant_type: str, ref_gguf: Path, ppl_ref: float,

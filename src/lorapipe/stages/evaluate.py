@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorapipe.core import gguf_meta, hfmodel, inference_speed, parity, paths, predictions, retention
@@ -126,79 +127,149 @@ def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool
 
 
 # ------------------------------------------------------------------------------------- evaluate
+@dataclass(frozen=True)
+class HFVariant:
+    ppl: float                   # over the eval stream, scored as llama-perplexity scores
+    answers: list[tuple[str, bool]]
+    speed: dict | None = None    # inference_speed.hf_speed (the merged model only)
+
+
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
-             ref_name: str = "f16", trust_remote_code: bool = False) -> tuple[dict, list[dict], str]:
-    """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails."""
+             ref_name: str = "f16", trust_remote_code: bool = False,
+             measures: Path | None = None) -> tuple[dict, list[dict], str]:
+    """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails.
+    `measures`: stage quantize's record of the figures it measured (retention.measures_path), read when it
+    holds for these very files; without one that does, they are measured here."""
     import torch
 
     check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
     torch.set_num_threads(ep.threads)
-    ref_label = ref_name.lower()
     tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
+    known = quantize_measures(measures, ep, eval_jsonl=eval_jsonl, base_dir=base_dir, merged_dir=merged_dir,
+                              ref_gguf=ref_gguf, quant_gguf=quant_gguf)
+    with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
+        ref = setup_reference(ep, tokenizer, eval_jsonl, ref_gguf, Path(work))
+        ppl_ref = known.ppl_ref if known else ref.add_unquantized()
+        merged = hf_merged(ep, ref, tokenizer, merged_dir, ref_gguf, ppl_ref, score=known is None,
+                           trust_remote_code=trust_remote_code)
+        base = hf_variant(ep, ref, tokenizer, base_dir, "hf_base", score=known is None, trust_remote_code=trust_remote_code)
+        measured = known or retention.Measured.of(ref, ref.measure(quant_gguf), ref.score_gguf(ref_gguf), {},
+                                                  ctx=ep.ctx, max_chunks=ep.max_chunks)
+    quant_label = check_quant_gates(ep, measured, quant_gguf, ref_gguf, ref_name.lower())
+    answers = {"base (HF)": base.answers, "merged (HF)": merged.answers,
+               f"{quant_label} (GGUF)": gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)}
+    speed = gguf_speeds(ep, {ref_name.lower(): ref_gguf, quant_label: quant_gguf})
+    metrics, variants = eval_metrics(ep, ref, measured, merged, base, speed, answers, ref_label=ref_name.lower(),
+                                     quant_label=quant_label, base_dir=base_dir, merged_dir=merged_dir,
+                                     ref_gguf=ref_gguf, quant_gguf=quant_gguf)
+    return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
+
+
+def quantize_measures(path: Path | None, ep, **files: Path) -> retention.Measured | None:
+    """Stage quantize's figures when they were measured on these very files (content hashes) and
+    chunks; None, saying why, when they must be measured here."""
+    if path is None:
+        return None
+    if not path.is_file():
+        info(f"evaluate: {path} not found (stage quantize writes it): measuring the quantized file here")
+        return None
+    known = retention.Measured.read(path)
+    why = known.mismatch(retention.fingerprints(**files), ctx=ep.ctx, max_chunks=ep.max_chunks)
+    if why:
+        info(f"evaluate: {path} was {why}: measuring the quantized file here")
+        return None
+    info(f"evaluate: the quantized file's and the references' figures from {path} (stage quantize measured these files)")
+    return known
+
+
+def setup_reference(ep, tokenizer, eval_jsonl: Path, ref_gguf: Path, work: Path) -> retention.Reference:
+    """The eval split as one token stream and its chunks (core/retention.py), tokenized by both sides."""
     rows = ppl.read_eval_rows(eval_jsonl)
     if not rows:
         raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
+    ref = retention.Reference(rows, tokenizer, eval_jsonl, ref_gguf, work, ctx=ep.ctx, max_chunks=ep.max_chunks,
+                              threads=ep.threads)
+    if ref.plan.shrunk:
+        info(f"evaluate: {eval_jsonl} is only {len(ref.stream.ids)} tokens (< 2 x evaluate.ctx = {2 * ep.ctx}); "
+             f"using ctx {ref.plan.ctx} (metrics: ctx_used)")
+    info(f"evaluate: perplexity over {ref.plan.n_chunks} chunks of {ref.plan.ctx} tokens ({ref.plan.scored} scored)")
+    return ref
 
-    with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
-        # the quantized file's figures and gates are core/retention.py's, exactly as stage quantize measured them
-        ref = retention.Reference(rows, tokenizer, eval_jsonl, ref_gguf, Path(work), ctx=ep.ctx,
-                                  max_chunks=ep.max_chunks, threads=ep.threads)
-        stream, plan, ppl_ref = ref.stream, ref.plan, ref.ppl_ref
-        if plan.shrunk:
-            info(f"evaluate: {eval_jsonl} is only {len(stream.ids)} tokens (< 2 x evaluate.ctx = {2 * ep.ctx}); "
-                 f"using ctx {plan.ctx} (metrics: ctx_used)")
-        info(f"evaluate: perplexity over {plan.n_chunks} chunks of {plan.ctx} tokens ({plan.scored} scored)")
 
-        info("evaluate: HF merged model")
-        merged = load_hf(merged_dir, trust_remote_code)
-        ppl_merged = ppl.hf_perplexity(merged, stream, plan, desc="evaluate: perplexity HF merged")
-        ref_vs_hf = pct(ppl_ref, ppl_merged)
-        if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
-            raise LorapipeError(
-                f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
-                f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
-                f"{plan.scored} tokens: the converted file computes another model. Check the quantize parity metrics "
-                "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
-                "bf16 or auto; then rerun `lorapipe convert`.")
+def hf_merged(ep, ref: retention.Reference, tokenizer, merged_dir: Path, ref_gguf: Path, ppl_ref: float, *, score: bool,
+              trust_remote_code: bool) -> HFVariant:
+    """The HF merged model's perplexity, checked against the converted file's (the conversion gate),
+    then its speed and samples (and its assistant-token scores when `score`)."""
+    info("evaluate: HF merged model")
+    model = load_hf(merged_dir, trust_remote_code)
+    ppl_merged = ppl.hf_perplexity(model, ref.stream, ref.plan, desc="evaluate: perplexity HF merged")
+    check_conversion(ep, ref_gguf, ppl_ref, ppl_merged, ref.plan)
+    if score:
         info(f"evaluate: assistant-token loss and KLD on {ref.n_assistant} tokens of {len(ref.examples)} rows")
-        ref.add_hf("hf_merged", merged)
+        ref.add_hf("hf_merged", model)
+    info("evaluate: HF merged model speed and samples")
+    speed_prompt = (ref.stream.ids * (ep.speed_prompt_tokens // max(len(ref.stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
+    speed = inference_speed.hf_speed(model, speed_prompt, gen_tokens=ep.speed_gen_tokens)
+    return HFVariant(ppl_merged, hf_answers(model, tokenizer, ep.prompts, ep.max_new_tokens), speed)
 
-        info("evaluate: HF merged model speed and samples")
-        speed_prompt = (stream.ids * (ep.speed_prompt_tokens // max(len(stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
-        hf_speed = inference_speed.hf_speed(merged, speed_prompt, gen_tokens=ep.speed_gen_tokens)
-        answers = {"merged (HF)": hf_answers(merged, tokenizer, ep.prompts, ep.max_new_tokens)}
-        del merged
 
-        info("evaluate: HF base model")
-        base = load_hf(base_dir, trust_remote_code)
-        ppl_base = ppl.hf_perplexity(base, stream, plan, desc="evaluate: perplexity HF base")
-        ref.add_hf("hf_base", base)
-        answers = {"base (HF)": hf_answers(base, tokenizer, ep.prompts, ep.max_new_tokens), **answers}
-        del base
+def hf_variant(ep, ref: retention.Reference, tokenizer, folder: Path, key: str, *, score: bool,
+               trust_remote_code: bool) -> HFVariant:
+    """Perplexity and samples of an HF model (and its assistant-token scores when `score`)."""
+    info(f"evaluate: {key.replace('hf_', 'HF ')} model")
+    model = load_hf(folder, trust_remote_code)
+    ppl_model = ppl.hf_perplexity(model, ref.stream, ref.plan, desc=f"evaluate: perplexity {key.replace('hf_', 'HF ')}")
+    if score:
+        ref.add_hf(key, model)
+    return HFVariant(ppl_model, hf_answers(model, tokenizer, ep.prompts, ep.max_new_tokens))
 
-        ref.add_gguf(ref_label, ref_gguf)
-        quant = ref.measure(quant_gguf)
+
+def check_conversion(ep, ref_gguf: Path, ppl_ref: float, ppl_merged: float, plan) -> None:
+    ref_vs_hf = pct(ppl_ref, ppl_merged)
+    if not abs(ref_vs_hf) <= ep.max_ppl_f16_vs_hf_pct:  # written so that a NaN perplexity fails too
+        raise LorapipeError(
+            f"{ref_gguf}: perplexity {ppl_ref:.4f} differs from the HF merged model's {ppl_merged:.4f} by "
+            f"{ref_vs_hf:+.3f} % (limit evaluate.max_ppl_f16_vs_hf_pct = {ep.max_ppl_f16_vs_hf_pct} %) on the same "
+            f"{plan.scored} tokens: the converted file computes another model. Check the quantize parity metrics "
+            "(metrics/quantize.json); if the family overflows float16 activations (Gemma-3), use export.outtype: "
+            "bf16 or auto; then rerun `lorapipe convert`.")
+
+
+def check_quant_gates(ep, measured: retention.Measured, quant_gguf: Path, ref_gguf: Path, ref_label: str) -> str:
+    """core/retention.py's gates on the quantized file, the very ones stage quantize chose its type
+    with; returns the label of its type (read from the file)."""
     quant_name = gguf_meta.file_type(quant_gguf)  # the type stage quantize chose
-    quant_label = quant_name.lower()
-    scores = {**ref.scores, "quant": quant.assistant}
-    kept = quant.finetune_kept
-    failures = retention.gate_failures(retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), quant,
-                                       quant_gguf=quant_gguf, quant_type=quant_name, ref_gguf=ref_gguf, ppl_ref=ppl_ref,
-                                       scores=ref.scores)
+    failures = retention.gate_failures(retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), measured.quant,
+                                       quant_gguf=quant_gguf, quant_type=quant_name, ref_gguf=ref_gguf,
+                                       ppl_ref=measured.ppl_ref, scores=variant_scores(measured, ref_label))
     if failures:
         raise LorapipeError("evaluate: quantization gate failed (nothing was written):\n" + "\n".join(failures)
                             + "\n" + retention.REMEDIES)
-    n_assistant = ref.n_assistant
+    return quant_name.lower()
 
-    info(f"evaluate: {quant_label} samples and GGUF speed (llama-bench)")
-    answers[f"{quant_label} (GGUF)"] = gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)
-    speed = {label: inference_speed.gguf_speed(path, prompt_tokens=ep.speed_prompt_tokens, gen_tokens=ep.speed_gen_tokens,
-                                               threads=ep.threads)
-             for label, path in ((ref_label, ref_gguf), (quant_label, quant_gguf))}
 
+def variant_scores(measured: retention.Measured, ref_label: str) -> dict:
+    """Assistant-token scores by variant label: hf_merged, hf_base and the converted file's (f16 or bf16)."""
+    s = measured.scores
+    return {"hf_merged": s["hf_merged"], "hf_base": s["hf_base"], ref_label: s["converted"]}
+
+
+def gguf_speeds(ep, ggufs: dict[str, Path]) -> dict[str, dict]:
+    info(f"evaluate: GGUF speed (llama-bench) of {', '.join(ggufs)}")
+    return {label: inference_speed.gguf_speed(path, prompt_tokens=ep.speed_prompt_tokens, gen_tokens=ep.speed_gen_tokens,
+                                              threads=ep.threads)
+            for label, path in ggufs.items()}
+
+
+def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, merged: HFVariant, base: HFVariant,
+                 speed: dict[str, dict], answers: dict, *, ref_label: str, quant_label: str, base_dir: Path,
+                 merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> tuple[dict, list[dict]]:
+    """metrics/eval.json and plots/variants.json."""
+    stream, plan, quant = ref.stream, ref.plan, measured.quant
+    scores = {**variant_scores(measured, ref_label), "quant": quant.assistant}
     size_ref, size_quant = ref_gguf.stat().st_size / MB, quant_gguf.stat().st_size / MB
     metrics = {
-        "eval_rows": len(rows),
+        "eval_rows": len(ref.rows),
         "eval_tokens": len(stream.ids),
         "ctx": ep.ctx,
         "ctx_used": plan.ctx,
@@ -206,17 +277,17 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         "scored_tokens": plan.scored,
         "quant": quant_label,
         "unquantized": ref_label,  # the suffix of the converted file's keys below (f16 or bf16)
-        "ppl_hf_base": ppl_base,
-        "ppl_hf_merged": ppl_merged,
-        f"ppl_{ref_label}": ppl_ref,
+        "ppl_hf_base": base.ppl,
+        "ppl_hf_merged": merged.ppl,
+        f"ppl_{ref_label}": measured.ppl_ref,
         "ppl_quant": quant.ppl,
-        f"ppl_{ref_label}_vs_hf_pct": ref_vs_hf,
+        f"ppl_{ref_label}_vs_hf_pct": pct(measured.ppl_ref, merged.ppl),
         "ppl_delta_pct": quant.ppl_delta_pct,
-        "ppl_merged_vs_base_pct": pct(ppl_merged, ppl_base),
-        "assistant_tokens": n_assistant,
+        "ppl_merged_vs_base_pct": pct(merged.ppl, base.ppl),
+        "assistant_tokens": measured.n_assistant,
         **{f"loss_assistant_{k}": v.loss for k, v in scores.items()},
         **{f"kld_assistant_{k}_vs_merged": v.kld for k, v in scores.items() if v.kld is not None},
-        "finetune_kept": kept,
+        "finetune_kept": quant.finetune_kept,
         f"kld_quant_vs_{ref_label}": quant.kld,
         "same_top_token_pct": quant.same_top_pct,
         "rms_dp_pct": quant.rms_dp_pct,
@@ -225,27 +296,27 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
         "size_quant_mb": size_quant,
         "size_ratio": size_quant / size_ref,
         "threads": ep.threads,
-        "prompt_tok_s_hf_merged": hf_speed["prompt_tok_s"],
-        "decode_tok_s_hf_merged": hf_speed["decode_tok_s"],
+        "prompt_tok_s_hf_merged": merged.speed["prompt_tok_s"],
+        "decode_tok_s_hf_merged": merged.speed["decode_tok_s"],
         f"prompt_tok_s_{ref_label}": speed[ref_label]["prompt_tok_s"],
         f"decode_tok_s_{ref_label}": speed[ref_label]["decode_tok_s"],
         "prompt_tok_s_quant": speed[quant_label]["prompt_tok_s"],
         "decode_tok_s_quant": speed[quant_label]["decode_tok_s"],
-        "decode_speedup_quant_vs_hf": speed[quant_label]["decode_tok_s"] / hf_speed["decode_tok_s"],
+        "decode_speedup_quant_vs_hf": speed[quant_label]["decode_tok_s"] / merged.speed["decode_tok_s"],
         "samples_stopped": sum(stopped for per in answers.values() for _, stopped in per),
         "samples_total": sum(len(per) for per in answers.values()),
     }
     variants = [
-        {"variant": "base (HF)", "ppl": ppl_base, "ppl_assistant": scores["hf_base"].ppl,
+        {"variant": "base (HF)", "ppl": base.ppl, "ppl_assistant": scores["hf_base"].ppl,
          "size_mb": hf_weights_mb(base_dir), "decode_tok_s": None},
-        {"variant": "merged (HF)", "ppl": ppl_merged, "ppl_assistant": scores["hf_merged"].ppl,
-         "size_mb": metrics["size_hf_merged_mb"], "decode_tok_s": hf_speed["decode_tok_s"]},
-        {"variant": f"{ref_label} (GGUF)", "ppl": ppl_ref, "ppl_assistant": scores[ref_label].ppl, "size_mb": size_ref,
-         "decode_tok_s": speed[ref_label]["decode_tok_s"]},
-        {"variant": f"{quant_label} (GGUF)", "ppl": quant.ppl, "ppl_assistant": scores["quant"].ppl, "size_mb": size_quant,
-         "decode_tok_s": speed[quant_label]["decode_tok_s"]},
+        {"variant": "merged (HF)", "ppl": merged.ppl, "ppl_assistant": scores["hf_merged"].ppl,
+         "size_mb": metrics["size_hf_merged_mb"], "decode_tok_s": merged.speed["decode_tok_s"]},
+        {"variant": f"{ref_label} (GGUF)", "ppl": measured.ppl_ref, "ppl_assistant": scores[ref_label].ppl,
+         "size_mb": size_ref, "decode_tok_s": speed[ref_label]["decode_tok_s"]},
+        {"variant": f"{quant_label} (GGUF)", "ppl": quant.ppl, "ppl_assistant": scores["quant"].ppl,
+         "size_mb": size_quant, "decode_tok_s": speed[quant_label]["decode_tok_s"]},
     ]
-    return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
+    return metrics, variants
 
 
 # -------------------------------------------------------------------------------------- predict
@@ -285,7 +356,7 @@ def run(params) -> dict:
     metrics, variants, samples = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
-        ref_name=ref_type, trust_remote_code=params.model.trust_remote_code)
+        ref_name=ref_type, trust_remote_code=params.model.trust_remote_code, measures=retention.measures_path(paths.QUANT_GGUF))
     answer_metrics, answer_plot = predict(
         params.evaluate.predict, threads=params.evaluate.threads, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
         merged_dir=paths.MERGED_DIR, quant_gguf=paths.QUANT_GGUF, out_dir=PREDICTIONS,

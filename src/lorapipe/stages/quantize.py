@@ -1,5 +1,6 @@
 """Stage `quantize`: models/gguf/model-<outtype>.gguf -> models/gguf/model-quant.gguf, the type
-chosen by what it keeps, plus metrics/quantize.json and plots/quant_candidates.json.
+chosen by what it keeps, plus metrics/quantize.json, plots/quant_candidates.json and
+models/gguf/model-quant.measures.json (what the gates measured, which stage evaluate reads).
 
 Quantization is llama.cpp's own `llama-quantize` (K-quants exist only there; gguf-py implements
 none). The valid type names are read from llama-quantize's help, so any type the pinned build
@@ -26,13 +27,18 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorapipe.core import gguf_meta, hfmodel, llamacpp, parity, paths, retention
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, read_jsonl, write_json
 from lorapipe.core.llamacpp_run import imatrix_progress, run_tool, tensor_progress, tool_error
 from lorapipe.core.log import info
+
+if TYPE_CHECKING:  # the params sections (the stage reads params.export and four evaluate keys)
+    from lorapipe.params import EvaluateParams, ExportParams
 
 METRICS = paths.METRICS_DIR / "quantize.json"
 PLOT = paths.PLOTS_DIR / "quant_candidates.json"
@@ -140,89 +146,147 @@ def table_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def quantize(ref_gguf: str | Path, out_path: str | Path, quant: str, *, merged_dir: str | Path, base_dir: str | Path,
-             eval_rows: list[dict], parity_params, gates: retention.Gates, candidates: list[str],
-             ctx: int, max_chunks: int, eval_jsonl: Path = paths.EVAL_JSONL,
-             train_rows: list[dict] | None = None, trust_remote_code: bool = False, threads: int = 2) -> dict:
-    """Quantize to each candidate type in turn, keep the first that passes every gate at `out_path`,
-    and return the metrics with the whole candidate table. A failed gate on the converted file, or
-    no candidate passing, raises and leaves nothing at `out_path`."""
-    ref_gguf, out_path = Path(ref_gguf), Path(out_path)
-    types = candidate_types(quant, candidates)
-    ref_type = gguf_meta.file_type(ref_gguf)  # also a clear error for a missing or unreadable input before any work
-    if ref_type in types:
-        raise LorapipeError(f"{'export.quant_candidates' if len(types) > 1 else 'export.quant'}: {ref_type} is the type of "
-                            f"the converted file {ref_gguf} itself; quantizing it to {ref_type} again changes nothing")
-    conversations = parity.eval_conversations(eval_rows, parity_params.n_prompts)
+@dataclass(frozen=True)
+class Files:
+    """What quantize reads and writes: `Files.repo()` in the stage, a test's own folder in tests."""
+    ref_gguf: Path               # the converted file (stage convert's output)
+    out: Path                    # the kept quantized file
+    merged_dir: Path
+    base_dir: Path
+    eval_jsonl: Path
+    train_jsonl: Path | None = None  # the importance matrix's calibration text (export.imatrix)
+    measures: Path | None = None     # what the gates measured, for stage evaluate (None: not written)
+
+    @classmethod
+    def repo(cls, ref_gguf: Path) -> "Files":
+        return cls(ref_gguf, paths.QUANT_GGUF, paths.MERGED_DIR, paths.BASE_DIR, paths.EVAL_JSONL, paths.TRAIN_JSONL,
+                   retention.measures_path(paths.QUANT_GGUF))
+
+
+def quantize(ex: ExportParams, ep: EvaluateParams, files: Files, *, trust_remote_code: bool = False) -> dict:
+    """Quantize to each candidate type in turn, keep the first that passes every gate at `files.out`
+    (what it measured at `files.measures`), and return the metrics with the whole candidate table.
+    A failed gate on the converted file, or no candidate passing, raises and leaves nothing at either."""
+    types = candidate_types(ex.quant, ex.quant_candidates)
+    check_not_ref_type(files.ref_gguf, types)  # also a clear error for a missing or unreadable input before any work
+    eval_rows = read_jsonl(files.eval_jsonl)
+    conversations = parity.eval_conversations(eval_rows, ex.parity.n_prompts)
     if not conversations:
-        raise LorapipeError(f"{eval_jsonl}: no row with a user turn before an assistant turn to check parity on")
+        raise LorapipeError(f"{files.eval_jsonl}: no row with a user turn before an assistant turn to check parity on")
 
-    with tempfile.TemporaryDirectory(prefix="lorapipe-quantize-") as work, atomic_path(out_path) as tmp:
+    with tempfile.TemporaryDirectory(prefix="lorapipe-quantize-") as work, atomic_path(files.out) as tmp:
         work = Path(work)
-        info(f"quantize: parity gate of {ref_gguf} on {len(conversations)} eval prompts")
-        ref_report, prompt_ids = parity.check_f16(merged_dir, ref_gguf, conversations, parity_params,
-                                                  trust_remote_code=trust_remote_code, threads=threads)
-        for warning in ref_report.warnings:
-            info(f"quantize: warning: {warning}")
-        if ref_report.failures:
-            raise LorapipeError(f"parity gate failed for {ref_gguf} (nothing was written to {out_path}):\n"
-                                + "\n".join(ref_report.failures))
-
-        imatrix = None
-        if train_rows is not None:
-            text = calibration_text(train_rows, hfmodel.load_tokenizer(merged_dir, trust_remote_code))
-            imatrix = compute_imatrix(ref_gguf, text, work / "imatrix.gguf", threads)
-
-        info(f"quantize: reference figures of {ref_gguf}, HF merged and HF base on {eval_jsonl}")
-        reference = reference_scores(eval_rows, ref_gguf, work, merged_dir=merged_dir, base_dir=base_dir,
-                                     eval_jsonl=eval_jsonl, ctx=ctx, max_chunks=max_chunks, threads=threads,
-                                     trust_remote_code=trust_remote_code)
-        rows, chosen = [], None
-        for quant_type in types:
-            info(f"quantize: {ref_gguf} -> {quant_type}{' with imatrix' if imatrix else ''}"
-                 f"{f' (candidate {len(rows) + 1} of {len(types)})' if len(types) > 1 else ''}")
-            # named by its type while it is measured (progress lines and messages say which candidate)
-            candidate = work / f"model-{quant_type.lower()}.gguf"
-            quantize_file(ref_gguf, candidate, quant_type, imatrix=imatrix, threads=threads)
-            quant_report = parity.check_quant(ref_gguf, candidate, prompt_ids, parity_params, threads=threads,
-                                              name=f"{out_path} ({quant_type})")
-            figures = reference.measure(candidate)
-            failures = quant_report.failures + retention.gate_failures(
-                gates, figures, quant_gguf=out_path, quant_type=quant_type, ref_gguf=ref_gguf,
-                ppl_ref=reference.ppl_ref, scores=reference.scores)
-            sizes = size_metrics(ref_gguf, candidate)
-            rows.append(candidate_row(quant_type, sizes, quant_report.figures["quant_argmax_agreement"], figures, failures))
-            if not failures:
-                shutil.copyfile(candidate, tmp)  # the work folder may be on another file system than out_path
-                chosen = (quant_type, sizes, quant_report)
-                break
-            candidate.unlink()
-            info(f"quantize: {quant_type} fails: " + " | ".join(failures))
-        info("quantize: candidates\n" + table_text(rows))
+        ref_report, prompt_ids = parity_gate(files, conversations, ex, trust_remote_code)
+        imatrix = importance_matrix(files, ex, work, trust_remote_code)
+        reference = reference_scores(eval_rows, files, ep, work, threads=ex.threads, trust_remote_code=trust_remote_code)
+        rows, chosen = try_candidates(types, files, ex, ep, reference, imatrix, prompt_ids, work)
         if chosen is None:
             raise LorapipeError(
-                f"quantize: no candidate type passes every gate (nothing was written to {out_path}):\n"
+                f"quantize: no candidate type passes every gate (nothing was written to {files.out}):\n"
                 + table_text(rows) + "\n" + "\n".join(f for r in rows for f in r["failures"]) + "\n" + retention.REMEDIES)
-        quant_type, sizes, quant_report = chosen
-        choice = choice_reason(quant, types, quant_type)
+        shutil.copyfile(chosen.path, tmp)  # the work folder may be on another file system than the output
+        if files.measures is not None:
+            write_measures(files, ep, reference, chosen)
+        choice = choice_reason(ex.quant, types, chosen.type)
         if not reference.finetune_measurable:
             choice += " (finetune_kept not measured: the fine-tune moved the model too little)"
-        metrics = {"quant": quant_type, "choice": choice, "imatrix": imatrix is not None,
-                   **sizes, "parity": {**ref_report.figures, **quant_report.figures, "passed": True},
+        quant_report = chosen.report
+        metrics = {"quant": chosen.type, "choice": choice, "imatrix": imatrix is not None,
+                   **chosen.sizes, "parity": {**ref_report.figures, **quant_report.figures, "passed": True},
                    "ppl_unquantized": reference.ppl_ref, "kld_assistant_base_vs_merged": reference.kld_base,
                    "candidates": rows}
     return metrics
 
 
-def reference_scores(eval_rows: list[dict], ref_gguf: Path, work: Path, *, merged_dir, base_dir, eval_jsonl: Path, ctx: int,
-                     max_chunks: int, threads: int, trust_remote_code: bool) -> retention.Reference:
+def check_not_ref_type(ref_gguf: Path, types: list[str]) -> None:
+    ref_type = gguf_meta.file_type(ref_gguf)
+    if ref_type in types:
+        raise LorapipeError(f"{'export.quant_candidates' if len(types) > 1 else 'export.quant'}: {ref_type} is the type of "
+                            f"the converted file {ref_gguf} itself; quantizing it to {ref_type} again changes nothing")
+
+
+def parity_gate(files: Files, conversations: list[list[dict]], ex: ExportParams,
+                trust_remote_code: bool) -> tuple[parity.Report, list[list[int]]]:
+    """Gate 1: the converted file against the HF merged model; its report and llama.cpp's prompt ids."""
+    info(f"quantize: parity gate of {files.ref_gguf} on {len(conversations)} eval prompts")
+    report, prompt_ids = parity.check_f16(files.merged_dir, files.ref_gguf, conversations, ex.parity,
+                                          trust_remote_code=trust_remote_code, threads=ex.threads)
+    for warning in report.warnings:
+        info(f"quantize: warning: {warning}")
+    if report.failures:
+        raise LorapipeError(f"parity gate failed for {files.ref_gguf} (nothing was written to {files.out}):\n"
+                            + "\n".join(report.failures))
+    return report, prompt_ids
+
+
+def importance_matrix(files: Files, ex: ExportParams, work: Path, trust_remote_code: bool) -> Path | None:
+    if not ex.imatrix:
+        return None
+    if files.train_jsonl is None or not files.train_jsonl.is_file():
+        raise LorapipeError(f"{files.train_jsonl}: not found; export.imatrix reads the train split (run `lorapipe clean`)")
+    text = calibration_text(read_jsonl(files.train_jsonl), hfmodel.load_tokenizer(files.merged_dir, trust_remote_code))
+    return compute_imatrix(files.ref_gguf, text, work / "imatrix.gguf", ex.threads)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The kept candidate: its type, file in the work folder, sizes, argmax report and figures."""
+    type: str
+    path: Path
+    sizes: dict
+    report: parity.Report
+    figures: retention.Figures
+
+
+def try_candidates(types: list[str], files: Files, ex: ExportParams, ep: EvaluateParams, reference: retention.Reference,
+                   imatrix: Path | None, prompt_ids: list[list[int]], work: Path) -> tuple[list[dict], Candidate | None]:
+    """Gate 2 on each type in turn until one passes: the table of those tried, and the one kept (None: none)."""
+    gates = retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept)
+    argmax = parity.QuantCheck(files.ref_gguf, prompt_ids, ex.parity, threads=ex.threads)
+    rows = []
+    for quant_type in types:
+        info(f"quantize: {files.ref_gguf} -> {quant_type}{' with imatrix' if imatrix else ''}"
+             f"{f' (candidate {len(rows) + 1} of {len(types)})' if len(types) > 1 else ''}")
+        # named by its type while it is measured (progress lines and messages say which candidate)
+        path = work / f"model-{quant_type.lower()}.gguf"
+        quantize_file(files.ref_gguf, path, quant_type, imatrix=imatrix, threads=ex.threads)
+        report = argmax.check(path, name=f"{files.out} ({quant_type})")
+        figures = reference.measure(path)
+        failures = report.failures + retention.gate_failures(
+            gates, figures, quant_gguf=files.out, quant_type=quant_type, ref_gguf=files.ref_gguf,
+            ppl_ref=reference.ppl_ref, scores=reference.scores)
+        sizes = size_metrics(files.ref_gguf, path)
+        rows.append(candidate_row(quant_type, sizes, report.figures["quant_argmax_agreement"], figures, failures))
+        if not failures:
+            info("quantize: candidates\n" + table_text(rows))
+            return rows, Candidate(quant_type, path, sizes, report, figures)
+        path.unlink()
+        info(f"quantize: {quant_type} fails: " + " | ".join(failures))
+    info("quantize: candidates\n" + table_text(rows))
+    return rows, None
+
+
+def write_measures(files: Files, ep: EvaluateParams, reference: retention.Reference, chosen: Candidate) -> None:
+    """What stage evaluate would measure again: the converted file's assistant-token scores (measured
+    here), the reference's and the kept file's figures, with the content hash of every file they hold for."""
+    converted = reference.score_gguf(files.ref_gguf)
+    hashes = retention.fingerprints(eval_jsonl=files.eval_jsonl, base_dir=files.base_dir, merged_dir=files.merged_dir,
+                                    ref_gguf=files.ref_gguf, quant_gguf=chosen.path)
+    measured = retention.Measured.of(reference, chosen.figures, converted, hashes, ctx=ep.ctx, max_chunks=ep.max_chunks)
+    write_json(files.measures, measured.to_json())
+
+
+def reference_scores(eval_rows: list[dict], files: Files, ep: EvaluateParams, work: Path, *, threads: int,
+                     trust_remote_code: bool) -> retention.Reference:
     import torch
 
+    info(f"quantize: reference figures of {files.ref_gguf}, HF merged and HF base on {files.eval_jsonl}")
     torch.set_num_threads(threads)
-    tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
-    reference = retention.Reference(eval_rows, tokenizer, eval_jsonl, ref_gguf, work, ctx=ctx, max_chunks=max_chunks,
-                                    threads=threads)
-    for key, folder in (("hf_merged", merged_dir), ("hf_base", base_dir)):
+    tokenizer = hfmodel.load_tokenizer(files.merged_dir, trust_remote_code)
+    reference = retention.Reference(eval_rows, tokenizer, files.eval_jsonl, files.ref_gguf, work, ctx=ep.ctx,
+                                    max_chunks=ep.max_chunks, threads=threads)
+    reference.add_unquantized()
+    for key, folder in (("hf_merged", files.merged_dir), ("hf_base", files.base_dir)):
         model = hfmodel.load_causal_lm(folder, trust_remote_code, dtype=torch.float32).eval()
         reference.add_hf(key, model)
         del model
@@ -246,7 +310,7 @@ def candidate_plot(metrics: dict) -> list[dict]:
 
 
 def run(params) -> dict:
-    ex, ep = params.export, params.evaluate
+    ex = params.export
     ref = paths.gguf_path(ex.outtype)  # the converted file (convert's output)
     if not ref.is_file():
         raise LorapipeError(f"{ref}: not found; run `lorapipe convert` first")
@@ -255,14 +319,9 @@ def run(params) -> dict:
     hfmodel.check_folder(paths.BASE_DIR, "the base model (made by stage base: `lorapipe base`)")
     # The output's name does not say its type: a file left by an earlier run must not outlive a failed one
     # (`dvc repro` removes outs first too).
-    for stale in (paths.QUANT_GGUF, METRICS, PLOT):
+    for stale in (paths.QUANT_GGUF, retention.measures_path(paths.QUANT_GGUF), METRICS, PLOT):
         stale.unlink(missing_ok=True)
-    train_rows = read_jsonl(paths.TRAIN_JSONL) if ex.imatrix else None
-    metrics = quantize(ref, paths.QUANT_GGUF, ex.quant, candidates=ex.quant_candidates, merged_dir=paths.MERGED_DIR,
-                       base_dir=paths.BASE_DIR, eval_rows=read_jsonl(paths.EVAL_JSONL), parity_params=ex.parity,
-                       gates=retention.Gates(ep.max_ppl_delta_pct, ep.min_finetune_kept), ctx=ep.ctx,
-                       max_chunks=ep.max_chunks, train_rows=train_rows, trust_remote_code=params.model.trust_remote_code,
-                       threads=ex.threads)
+    metrics = quantize(ex, params.evaluate, Files.repo(ref), trust_remote_code=params.model.trust_remote_code)
     write_json(METRICS, metrics)
     write_json(PLOT, candidate_plot(metrics))
     p, chosen = metrics["parity"], metrics["candidates"][-1]
