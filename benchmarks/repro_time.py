@@ -4,7 +4,7 @@ commits, one after the other on this machine, and print each stage's time side b
     .venv/bin/python benchmarks/repro_time.py --before <commit> [--after HEAD]
 
 Each commit is cloned into a temporary folder that shares this checkout's DVC cache and runs every
-stage (`dvc repro --no-run-cache`: nothing is restored from an earlier run) with its own code
+stage (`dvc repro --force --no-run-cache`: nothing is restored from the cache or an earlier run) with its own code
 (PYTHONPATH=<clone>/src) in this checkout's virtualenv. The stage times are the `[stage] ... (N s)`
 lines each stage prints; "dvc repro" is the wall time of the whole command. With --keep DIR the
 clones stay there (the second one's dvc.lock and metrics are a full run of that commit, its outputs
@@ -43,7 +43,7 @@ def run_at(commit: str, work: Path) -> dict[str, float]:
            "PATH": f"{ROOT / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
     print(f"== {commit[:12]}: dvc repro in {clone}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([str(ROOT / ".venv/bin/dvc"), "repro", "--no-run-cache"], cwd=clone, env=env, text=True,
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/dvc"), "repro", "--force", "--no-run-cache"], cwd=clone, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     times: dict[str, float] = {}
     for line in proc.stdout:
