@@ -229,7 +229,7 @@ class PredictParams(Section):
     max_rows: int | None = Field(64, gt=0)
     seed: int = 0
     max_new_tokens: int = Field(64, gt=0)  # greedy answer length; an answer that reaches it counts as cut
-    batch_size: int = Field(8, gt=0)  # prompts per transformers generate() call (HF variants)
+    batch_size: int = Field(16, gt=0)  # prompts per transformers generate() call (HF variants)
     parallel: int = Field(4, ge=1)  # llama-server slots answering at once (the quantized GGUF)
 
 
