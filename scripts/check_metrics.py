@@ -98,7 +98,9 @@ TOLERANCE: dict[str, list[tuple[str, Rule]]] = {
                                                "eos_id", "eot_id", "stop_tokens_ok", "stops_on_its_own", "max_abs_logit_diff_limit"))),
         # a 4-bit file's top-token agreement moves most between CPUs (docs/reproducibility.md has the figures)
         ("parity.f16_argmax_agreement", abs_(0.02)), ("parity.quant_argmax_agreement", abs_(0.1)),
-        ("parity.f16_max_abs_logit_diff", abs_(0.1)), ("parity.quant_max_abs_logit_diff", abs_(2.0)),
+        # the gate (export.parity.max_abs_logit_diff) bounds it; the adapter's own weights move it, and
+        # train.precision: auto trains in fp32 or bf16 by CPU (docs/reproducibility.md has the figures)
+        ("parity.f16_max_abs_logit_diff", abs_(0.15)), ("parity.quant_max_abs_logit_diff", abs_(2.0)),
         *each(abs_(0.25), "parity.stop_fraction", "parity.hf_stop_fraction"),  # one prompt of four
         # greedy reply lengths: one other token changes them; the stop fractions above are what is compared
         *each(INFO, "parity.gen_tokens", "parity.hf_gen_tokens"),
@@ -123,10 +125,12 @@ TOLERANCE: dict[str, list[tuple[str, Rule]]] = {
         # answers to the eval prompts (evaluate.predict): the references' figures are data, equal; greedy
         # answers change where a near-tie flips on another CPU, so their scores move by a few points
         *each(EQUAL, "answers_rows", "answers_*_ref"),
+        # quant against merged compares two sets of greedy answers, each flipping at its own near-ties
+        ("answers_bleu4_quant_vs_merged", abs_(10.0)),
         *each(abs_(3.0), "answers_bleu4_*", "answers_rouge*"),
         *each(abs_(0.05), "answers_distinct*", "answers_seqrep4_*"),
         *each(abs_(0.1), "answers_cut_*", "answers_empty_*"),
-        ("answers_len_*", rel(0.1)), ("answers_exact_quant_vs_merged", abs_(0.15)),
+        ("answers_len_*", rel(0.2)), ("answers_exact_quant_vs_merged", abs_(0.2)),
     ],
 }
 
