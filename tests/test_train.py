@@ -315,8 +315,9 @@ def test_auto_precision_probes_in_a_child_once_and_reuses_the_answer(tiny_model,
     assert (forced.precision, forced.ratio) == ("bf16", 2.0) and "1/2.00 of fp32's (cached probe" in forced.reason
     cached.write_text(json.dumps({**measured, "fp32_s": 1.0, "bf16_s": 1.0}))
     assert precision.choose("auto", model, **shape).precision == "fp32"
-    # another shape is another probe
-    assert precision.choose("auto", model, **{**shape, "rank": 8}).reason.count("cached") == 0
+    # another rank reuses the answer (a rank sweep trains in one precision); other LoRA layers are another probe
+    assert "(cached probe: " in precision.choose("auto", model, **{**shape, "rank": 8}).reason
+    assert precision.choose("auto", model, **{**shape, "target": "q_proj,v_proj"}).reason.count("cached") == 0
 
 
 def test_explicit_precision_and_several_processes_are_not_probed(tmp_path, monkeypatch):

@@ -59,19 +59,22 @@ def cpu_info() -> tuple[str, list[str], set[str]]:
     return name, sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx_ne_convert"}) or ["no bf16 instructions listed"], flags
 
 
-def cache_key(model_dir: Path, rows: int, seq: int, rank: int, target, threads: int) -> str:
-    """What decides the measured ratio: the CPU (name and every flag), torch, threads, architecture, shape.
+def cache_key(model_dir: Path, rows: int, seq: int, target, threads: int) -> str:
+    """What decides the measured ratio: the CPU (name and every flag), torch, threads, architecture,
+    batch shape and which layers carry LoRA.
 
     The weights do not change the speed, so config.json stands for the model: the cache survives a
-    retrained base of the same shape.
+    retrained base of the same shape. The rank is left out: the base's matmuls, not the thin LoRA
+    branches, decide the ratio, and a rank sweep (`dvc exp run -S lora.rank=8`) then trains every
+    experiment in the precision the first run measured.
     """
     import torch
 
     name, _, flags = cpu_info()
     config = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").exists() else b""
     key = json.dumps({"cpu": name, "flags": sorted(flags), "torch": torch.__version__, "threads": threads,
-                      "config": hashlib.sha256(config).hexdigest(), "rows": rows, "seq": seq, "rank": rank,
-                      "target": target}, sort_keys=True)
+                      "config": hashlib.sha256(config).hexdigest(), "rows": rows, "seq": seq, "target": target},
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -97,7 +100,7 @@ def choose(requested: str, model_dir: Path, *, cutoff_len: int, rank: int, alpha
     name, isa, _ = cpu_info()
     threads = torch.get_num_threads()
     rows, seq = probe_shape(cutoff_len)
-    cached = cache_dir() / f"{cache_key(model_dir, rows, seq, rank, target, threads)}.json"
+    cached = cache_dir() / f"{cache_key(model_dir, rows, seq, target, threads)}.json"
     where = f"on {name} ({', '.join(isa)}), {threads} threads"
     try:
         m, how = json.loads(cached.read_text()), "cached probe"
