@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorapipe.core import lora
 from lorapipe.core.io import write_json
 
 BF16_MIN_RATIO = 1.2  # fp32 step time / bf16 step time; below it the rounding is not worth it
@@ -153,9 +154,8 @@ def measure(model_dir: Path, rows: int, seq: int, rank: int, alpha: int, target,
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if variant == "bf16-base":
             model.to(torch.bfloat16)
-        # lora.target as the stage reads it (stages/train.lora_targets): all, "a,b" or a list
-        targets = "all-linear" if target == "all" else [t.strip() for t in target.split(",")] if isinstance(target, str) else target
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora.lora_targets(model, target),
+                                                 task_type="CAUSAL_LM"))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorapipe.core import hfmodel, paths, precision
+from lorapipe.core import hfmodel, lora, paths, precision
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.io import atomic_path, write_json
 from lorapipe.core.log import info
@@ -60,29 +60,6 @@ def check_quantization(train) -> None:
         raise LorapipeError(
             f"train.quantization_bit: {train.quantization_bit} needs the bitsandbytes package (pip install bitsandbytes)"
         ) from None
-
-
-def lora_targets(model, target: str | list[str]) -> str | list[str]:
-    """peft target_modules for lora.target: 'all' = every nn.Linear but the output head.
-
-    A named module that the model does not have is an error listing the names it does have
-    (peft's own error does not list them).
-    """
-    import torch
-
-    head = model.get_output_embeddings()
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and m is not head})
-    if target == "all":
-        return "all-linear"  # peft's spelling of the same rule (it skips the output layer)
-    names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
-    missing = [n for n in names if n not in linear]
-    if missing or not names:
-        raise LorapipeError(
-            f"lora.target: {', '.join(missing) or '(empty)'} matches no linear module of the base model; "
-            f"its linear modules are: {', '.join(linear)} (or use 'all')"
-        )
-    return names
 
 
 def sort_target_modules(config_file: Path) -> None:
@@ -413,7 +390,7 @@ def _setup_model(params, base_dir: Path, data: _Data, args, precision_used: str)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
-    target_modules = lora_targets(model, lp.target)
+    target_modules = lora.lora_targets(model, lp.target)
     native = type(model).__module__.startswith("transformers.")
     supports_keep = native and "logits_to_keep" in inspect.signature(model.forward).parameters
     pad = data.tokenizer.pad_token_id
