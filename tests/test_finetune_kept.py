@@ -62,7 +62,7 @@ def evaluate_with(root, quant: str):
         quantize.quantize_file(paths.gguf_path("f16"), paths.QUANT_GGUF, quant.upper())
         return evaluate.evaluate(params_mod.EvaluateParams(**EVAL), eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
                                  merged_dir=paths.MERGED_DIR, ref_gguf=paths.gguf_path("f16"),
-                                 quant_gguf=paths.QUANT_GGUF)
+                                 quant_gguf=paths.QUANT_GGUF).metrics
 
 
 def test_requantizing_to_the_base_files_type_is_caught_and_explained(finetuned_from_a_q4_file):
@@ -109,6 +109,6 @@ def test_auto_skips_the_type_that_lost_the_fine_tune(finetuned_from_a_q4_file):
 
 
 def test_a_finer_type_keeps_the_fine_tune(finetuned_from_a_q4_file):
-    metrics, _, _ = evaluate_with(finetuned_from_a_q4_file, "q8_0")
+    metrics = evaluate_with(finetuned_from_a_q4_file, "q8_0")
     assert metrics["finetune_kept"] > 0.9, json.dumps(metrics, indent=1)
     assert metrics["kld_assistant_quant_vs_merged"] < metrics["kld_assistant_hf_base_vs_merged"]

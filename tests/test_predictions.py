@@ -76,19 +76,34 @@ def test_batched_hf_answers_equal_one_prompt_at_a_time(tiny_gguf):
     assert not any(a.stopped for a in batched)
 
 
-def test_llama_server_parallel_answers_equal_the_bindings_greedy_answers(tiny_gguf):
-    from lorapipe.stages.evaluate import gguf_answers
+def bindings_greedy(gguf, texts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """The reference: greedy decoding one prompt at a time through llama.cpp's bindings."""
+    llm = parity.load_gguf(gguf, n_ctx=512, threads=1)
+    out = []
+    try:
+        for text in texts:
+            llm.reset()
+            new, stopped = [], False
+            for token in llm.generate(parity.llama_chat_ids(llm, text), temp=0.0, top_k=1, repeat_penalty=1.0):
+                if parity.is_eog(llm, token):
+                    stopped = True
+                    break
+                new.append(token)
+                if len(new) >= max_new_tokens:
+                    break
+            out.append((llm.detokenize(new).decode("utf-8", "replace").rstrip("\ufffd").strip(), stopped))
+    finally:
+        llm.close()
+    return out
 
+
+def test_llama_server_parallel_answers_equal_the_bindings_greedy_answers(tiny_gguf):
     folder, gguf = tiny_gguf("random")
     tokenizer = load_tokenizer(folder, False)
     convs, _ = predictions.prompts_and_labels(ROWS, None, 0)
     texts = [parity.render(tokenizer, c) for c in convs]
     served = predictions.gguf_generate(gguf, texts, 6, parallel=2, threads=1)
-    # the sequential samples code (llama.cpp's bindings) renders single-user prompts; compare on those texts
-    one_turn = [parity.render(tokenizer, [{"role": "user", "content": c[-1]["content"]}]) for c in convs]
-    alone = predictions.gguf_generate(gguf, one_turn, 6, parallel=2, threads=1)
-    reference = gguf_answers(gguf, tokenizer, [c[-1]["content"] for c in convs], 6, threads=1)
-    assert [(a.text, a.stopped) for a in alone] == reference
+    assert [(a.text, a.stopped) for a in served] == bindings_greedy(gguf, texts, 6)
     assert len(served) == len(texts) and not any(a.stopped for a in served)
 
     _, scripted = tiny_gguf("scripted")

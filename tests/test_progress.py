@@ -105,5 +105,6 @@ def test_every_slow_stage_part_reports_progress(tiny_adapter, tiny_gguf, tmp_pat
     counted("speed (HF)", "run")
     counted("llama-bench model-f16.gguf", "run")
     counted("llama-bench model-quant.gguf", "run")
-    counted("evaluate: samples (HF)", "prompt")
+    counted("evaluate: samples (HF)", "batch")
+    counted("evaluate: answers hf_merged", "batch")
     counted("evaluate: samples model-quant.gguf", "prompt")

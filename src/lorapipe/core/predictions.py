@@ -81,7 +81,7 @@ def hf_generate(model, tokenizer, texts: list[str], max_new_tokens: int, batch_s
 
 # ------------------------------------------------------------------------------------ llama.cpp
 def gguf_generate(gguf: Path, texts: list[str], max_new_tokens: int, *, parallel: int, threads: int,
-                  startup_timeout: float = 120.0) -> list[Answer]:
+                  startup_timeout: float = 120.0, desc: str | None = None) -> list[Answer]:
     """Greedy answers of a GGUF from llama-server with `parallel` slots, `parallel` requests at a time.
     Prompts are sent as the token ids llama.cpp's chat path makes of the rendered text
     (core/parity.llama_chat_ids, the GGUF's own tokenizer)."""
@@ -106,7 +106,7 @@ def gguf_generate(gguf: Path, texts: list[str], max_new_tokens: int, *, parallel
                     raise LorapipeError(f"{exc}; its log ends:\n{log.read()[-2000:]}") from None
                 with ThreadPoolExecutor(max_workers=parallel) as pool:
                     futures = [pool.submit(_complete, endpoint, p, max_new_tokens) for p in prompts]
-                    return [f.result() for f in progress(futures, f"evaluate: answers {gguf.name}", unit="prompt")]
+                    return [f.result() for f in progress(futures, desc or f"evaluate: answers {gguf.name}", unit="prompt")]
             finally:
                 llama_server.stop(proc)
 

@@ -14,10 +14,11 @@ side reproduces llama-perplexity's scoring). Gates that fail the stage:
 Outputs: metrics/eval.json (flat numbers for `dvc metrics diff`), plots/variants.json (one row per
 variant for `dvc plots`), reports/samples.md. A failed gate writes none of them.
 
-After the gates, phase `predict` (evaluate.predict params): the HF base, the HF merged model and the
-quantized GGUF answer the eval split's prompts; LLaMA-Factory-style files per variant go to
-reports/predictions/, the answer scores (core/answer_scores.py, docs/answers.md) to metrics/eval.json
-(`answers_*`) and plots/answers.json.
+Phase `predict` (evaluate.predict params): the HF base, the HF merged model (each while it is loaded
+for its perplexity) and the quantized GGUF answer the eval split's prompts, batched
+(core/predictions.py); LLaMA-Factory-style files per variant go to reports/predictions/, the answer
+scores (core/answer_scores.py, docs/answers.md) to metrics/eval.json (`answers_*`) and
+plots/answers.json.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from lorapipe.core import gguf_meta, hfmodel, inference_speed, parity, paths, predictions, retention
 from lorapipe.core import perplexity as ppl
 from lorapipe.core.errors import LorapipeError
 from lorapipe.core.gguf_file import check_gguf
 from lorapipe.core.io import atomic_path, write_json, write_text
-from lorapipe.core.log import info, progress
+from lorapipe.core.log import info
 from lorapipe.core.retention import pct
 
 METRICS = paths.METRICS_DIR / "eval.json"
@@ -64,64 +66,67 @@ def hf_weights_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / MB
 
 
-# -------------------------------------------------------------------------------------- samples
-def chat_text(tokenizer, prompt: str) -> str:
-    return parity.render(tokenizer, [{"role": "user", "content": prompt}])
+# -------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class Prompts:
+    """What every variant answers: evaluate.prompts (reports/samples.md) and the eval split's prompts
+    (phase predict), both as rendered chat text, with the eval replies as labels."""
+    samples: list[str]
+    predict: list[str]
+    labels: list[str]
+
+    @classmethod
+    def of(cls, ep, tokenizer, eval_jsonl: Path) -> "Prompts":
+        pp = ep.predict
+        conversations, labels = predictions.prompts_and_labels(ppl.read_eval_rows(eval_jsonl), pp.max_rows, pp.seed)
+        if not conversations:
+            raise LorapipeError(f"{eval_jsonl}: no row ends with an assistant reply to a user turn; nothing to answer")
+        samples = [parity.render(tokenizer, [{"role": "user", "content": p}]) for p in ep.prompts]
+        return cls(samples, [parity.render(tokenizer, c) for c in conversations], labels)
 
 
-def hf_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
-    """Greedy answers (text, stopped on EOS/EOT) of a transformers model; special tokens not shown."""
-    import torch
-
-    stop = hfmodel.stop_token_ids(tokenizer)
-    out = []
-    with torch.inference_mode():
-        for prompt in progress(prompts, "evaluate: samples (HF)", unit="prompt"):
-            ids = torch.tensor([parity.hf_ids(tokenizer, chat_text(tokenizer, prompt))])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, repetition_penalty=1.0, eos_token_id=stop,
-                                 pad_token_id=stop[0] if stop else None)
-            new = gen[0, ids.shape[1]:].tolist()
-            out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), bool(new) and new[-1] in stop))
-    return out
+@dataclass(frozen=True)
+class Answers:
+    """One variant's answers to Prompts, and the seconds spent on the predict ones (metrics answers_s)."""
+    samples: list[predictions.Answer]
+    predict: list[predictions.Answer]
+    predict_s: float
 
 
-def gguf_answers(gguf: Path, tokenizer, prompts: list[str], max_new_tokens: int, threads: int) -> list[tuple[str, bool]]:
-    """Greedy answers of a GGUF through llama.cpp (same template text as the HF side, tokenized the
-    way llama.cpp's chat path does it); generation ends on any end-of-generation token."""
-    texts = [chat_text(tokenizer, p) for p in prompts]
-    n_ctx = max(len(parity.hf_ids(tokenizer, t)) for t in texts) + max_new_tokens + 16
-    llm = parity.load_gguf(gguf, n_ctx=n_ctx, threads=threads)
-    out = []
-    try:
-        for text in progress(texts, f"evaluate: samples {gguf.name}", unit="prompt"):
-            llm.reset()
-            new, stopped = [], False
-            for token in llm.generate(parity.llama_chat_ids(llm, text), temp=0.0, top_k=1, repeat_penalty=1.0):
-                if parity.is_eog(llm, token):
-                    stopped = True
-                    break
-                new.append(token)
-                if len(new) >= max_new_tokens:
-                    break
-            # a cut answer can end inside a multi-byte character: drop that partial character
-            out.append((llm.detokenize(new).decode("utf-8", "replace").rstrip("\ufffd").strip(), stopped))
-    finally:
-        llm.close()
-    return out
+def answer(ep, prompts: Prompts, generate, samples_desc: str, answers_desc: str) -> Answers:
+    """`generate(texts, max_new_tokens, desc)` on the sample prompts, then, timed, on the eval prompts."""
+    samples = generate(prompts.samples, ep.max_new_tokens, samples_desc)
+    start = time.perf_counter()
+    answers = generate(prompts.predict, ep.predict.max_new_tokens, answers_desc)
+    return Answers(samples, answers, time.perf_counter() - start)
 
 
-def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool]]], max_new_tokens: int) -> str:
+def hf_answers(ep, model, tokenizer, prompts: Prompts, key: str) -> Answers:
+    def generate(texts, max_new_tokens, desc):
+        return predictions.hf_generate(model, tokenizer, texts, max_new_tokens, ep.predict.batch_size, desc=desc)
+
+    return answer(ep, prompts, generate, "evaluate: samples (HF)", f"evaluate: answers {key}")
+
+
+def gguf_answers(ep, gguf: Path, prompts: Prompts) -> Answers:
+    def generate(texts, max_new_tokens, desc):
+        return predictions.gguf_generate(gguf, texts, max_new_tokens, parallel=ep.predict.parallel, threads=ep.threads,
+                                         desc=desc)
+
+    return answer(ep, prompts, generate, f"evaluate: samples {gguf.name}", f"evaluate: answers {gguf.name}")
+
+
+def samples_markdown(prompts: list[str], answers: dict[str, list[predictions.Answer]], max_new_tokens: int) -> str:
     lines = ["# Sample answers", "",
              f"Greedy decoding, at most {max_new_tokens} new tokens, stopped at EOS / end of turn; prompts from "
              "`evaluate.prompts` in params.yaml, rendered with the model's chat template.", ""]
     for i, prompt in enumerate(prompts, start=1):
         lines += [f"## {i}. {prompt}", ""]
         for variant, per_prompt in answers.items():
-            text, stopped = per_prompt[i - 1]
-            note = "" if stopped else f" — cut at {max_new_tokens} tokens"
+            answer = per_prompt[i - 1]
+            note = "" if answer.stopped else f" — cut at {max_new_tokens} tokens"
             lines += [f"**{variant}**{note}", ""]
-            lines += [f"> {line}" if line else ">" for line in (text or "(empty answer)").splitlines()]
+            lines += [f"> {line}" if line else ">" for line in (answer.text or "(empty answer)").splitlines()]
             lines.append("")
     return "\n".join(lines)
 
@@ -130,39 +135,53 @@ def samples_markdown(prompts: list[str], answers: dict[str, list[tuple[str, bool
 @dataclass(frozen=True)
 class HFVariant:
     ppl: float                   # over the eval stream, scored as llama-perplexity scores
-    answers: list[tuple[str, bool]]
+    answers: Answers
     speed: dict | None = None    # inference_speed.hf_speed (the merged model only)
 
 
+class Result(NamedTuple):
+    metrics: dict                # metrics/eval.json
+    variants: list[dict]         # plots/variants.json
+    samples: str                 # reports/samples.md
+    answer_plot: list[dict]      # plots/answers.json
+    predicted: dict[str, tuple[list[str], list[predictions.Answer], list[str], dict]]  # reports/predictions/<variant>
+
+
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
-             ref_name: str = "f16", trust_remote_code: bool = False,
-             measures: Path | None = None) -> tuple[dict, list[dict], str]:
-    """All numbers, the plot rows and the samples report; raises LorapipeError when a gate fails.
-    `measures`: stage quantize's record of the figures it measured (retention.measures_path), read when it
-    holds for these very files; without one that does, they are measured here."""
+             ref_name: str = "f16", trust_remote_code: bool = False, measures: Path | None = None) -> Result:
+    """All numbers, plot rows, the samples report and every variant's answers; raises LorapipeError when a
+    gate fails. `measures`: stage quantize's record of the figures it measured (retention.measures_path),
+    read when it holds for these very files; without one that does, they are measured here. Each HF
+    model is loaded once, for its perplexity, scores, speed and answers."""
     import torch
 
     check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
     torch.set_num_threads(ep.threads)
     tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
+    prompts = Prompts.of(ep, tokenizer, eval_jsonl)
     known = quantize_measures(measures, ep, eval_jsonl=eval_jsonl, base_dir=base_dir, merged_dir=merged_dir,
                               ref_gguf=ref_gguf, quant_gguf=quant_gguf)
     with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
         ref = setup_reference(ep, tokenizer, eval_jsonl, ref_gguf, Path(work))
         ppl_ref = known.ppl_ref if known else ref.add_unquantized()
-        merged = hf_merged(ep, ref, tokenizer, merged_dir, ref_gguf, ppl_ref, score=known is None,
+        merged = hf_merged(ep, ref, tokenizer, prompts, merged_dir, ref_gguf, ppl_ref, score=known is None,
                            trust_remote_code=trust_remote_code)
-        base = hf_variant(ep, ref, tokenizer, base_dir, "hf_base", score=known is None, trust_remote_code=trust_remote_code)
+        base = hf_variant(ep, ref, tokenizer, prompts, base_dir, "hf_base", score=known is None,
+                          trust_remote_code=trust_remote_code)
         measured = known or retention.Measured.of(ref, ref.measure(quant_gguf), ref.score_gguf(ref_gguf), {},
                                                   ctx=ep.ctx, max_chunks=ep.max_chunks)
     quant_label = check_quant_gates(ep, measured, quant_gguf, ref_gguf, ref_name.lower())
-    answers = {"base (HF)": base.answers, "merged (HF)": merged.answers,
-               f"{quant_label} (GGUF)": gguf_answers(quant_gguf, tokenizer, ep.prompts, ep.max_new_tokens, ep.threads)}
+    quant = gguf_answers(ep, quant_gguf, prompts)
     speed = gguf_speeds(ep, {ref_name.lower(): ref_gguf, quant_label: quant_gguf})
-    metrics, variants = eval_metrics(ep, ref, measured, merged, base, speed, answers, ref_label=ref_name.lower(),
+    samples = {"base (HF)": base.answers.samples, "merged (HF)": merged.answers.samples,
+               f"{quant_label} (GGUF)": quant.samples}
+    metrics, variants = eval_metrics(ep, ref, measured, merged, base, speed, samples, ref_label=ref_name.lower(),
                                      quant_label=quant_label, base_dir=base_dir, merged_dir=merged_dir,
                                      ref_gguf=ref_gguf, quant_gguf=quant_gguf)
-    return metrics, variants, samples_markdown(ep.prompts, answers, ep.max_new_tokens)
+    answer_metrics, answer_plot, predicted = score_answers(
+        prompts, {"hf_base": base.answers, "hf_merged": merged.answers, "quant": quant}, tokenizer)
+    return Result({**metrics, **answer_metrics}, variants, samples_markdown(ep.prompts, samples, ep.max_new_tokens),
+                  answer_plot, predicted)
 
 
 def quantize_measures(path: Path | None, ep, **files: Path) -> retention.Measured | None:
@@ -196,10 +215,10 @@ def setup_reference(ep, tokenizer, eval_jsonl: Path, ref_gguf: Path, work: Path)
     return ref
 
 
-def hf_merged(ep, ref: retention.Reference, tokenizer, merged_dir: Path, ref_gguf: Path, ppl_ref: float, *, score: bool,
-              trust_remote_code: bool) -> HFVariant:
+def hf_merged(ep, ref: retention.Reference, tokenizer, prompts: Prompts, merged_dir: Path, ref_gguf: Path,
+              ppl_ref: float, *, score: bool, trust_remote_code: bool) -> HFVariant:
     """The HF merged model's perplexity, checked against the converted file's (the conversion gate),
-    then its speed and samples (and its assistant-token scores when `score`)."""
+    then its speed and answers (and its assistant-token scores when `score`)."""
     info("evaluate: HF merged model")
     model = load_hf(merged_dir, trust_remote_code)
     ppl_merged = ppl.hf_perplexity(model, ref.stream, ref.plan, desc="evaluate: perplexity HF merged")
@@ -207,21 +226,21 @@ def hf_merged(ep, ref: retention.Reference, tokenizer, merged_dir: Path, ref_ggu
     if score:
         info(f"evaluate: assistant-token loss and KLD on {ref.n_assistant} tokens of {len(ref.examples)} rows")
         ref.add_hf("hf_merged", model)
-    info("evaluate: HF merged model speed and samples")
+    info("evaluate: HF merged model speed and answers")
     speed_prompt = (ref.stream.ids * (ep.speed_prompt_tokens // max(len(ref.stream.ids), 1) + 1))[: ep.speed_prompt_tokens]
     speed = inference_speed.hf_speed(model, speed_prompt, gen_tokens=ep.speed_gen_tokens)
-    return HFVariant(ppl_merged, hf_answers(model, tokenizer, ep.prompts, ep.max_new_tokens), speed)
+    return HFVariant(ppl_merged, hf_answers(ep, model, tokenizer, prompts, "hf_merged"), speed)
 
 
-def hf_variant(ep, ref: retention.Reference, tokenizer, folder: Path, key: str, *, score: bool,
+def hf_variant(ep, ref: retention.Reference, tokenizer, prompts: Prompts, folder: Path, key: str, *, score: bool,
                trust_remote_code: bool) -> HFVariant:
-    """Perplexity and samples of an HF model (and its assistant-token scores when `score`)."""
+    """Perplexity and answers of an HF model (and its assistant-token scores when `score`)."""
     info(f"evaluate: {key.replace('hf_', 'HF ')} model")
     model = load_hf(folder, trust_remote_code)
     ppl_model = ppl.hf_perplexity(model, ref.stream, ref.plan, desc=f"evaluate: perplexity {key.replace('hf_', 'HF ')}")
     if score:
         ref.add_hf(key, model)
-    return HFVariant(ppl_model, hf_answers(model, tokenizer, ep.prompts, ep.max_new_tokens))
+    return HFVariant(ppl_model, hf_answers(ep, model, tokenizer, prompts, key))
 
 
 def check_conversion(ep, ref_gguf: Path, ppl_ref: float, ppl_merged: float, plan) -> None:
@@ -262,7 +281,7 @@ def gguf_speeds(ep, ggufs: dict[str, Path]) -> dict[str, dict]:
 
 
 def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, merged: HFVariant, base: HFVariant,
-                 speed: dict[str, dict], answers: dict, *, ref_label: str, quant_label: str, base_dir: Path,
+                 speed: dict[str, dict], samples: dict[str, list[predictions.Answer]], *, ref_label: str, quant_label: str, base_dir: Path,
                  merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> tuple[dict, list[dict]]:
     """metrics/eval.json and plots/variants.json."""
     stream, plan, quant = ref.stream, ref.plan, measured.quant
@@ -303,8 +322,8 @@ def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, mer
         "prompt_tok_s_quant": speed[quant_label]["prompt_tok_s"],
         "decode_tok_s_quant": speed[quant_label]["decode_tok_s"],
         "decode_speedup_quant_vs_hf": speed[quant_label]["decode_tok_s"] / merged.speed["decode_tok_s"],
-        "samples_stopped": sum(stopped for per in answers.values() for _, stopped in per),
-        "samples_total": sum(len(per) for per in answers.values()),
+        "samples_stopped": sum(a.stopped for per in samples.values() for a in per),
+        "samples_total": sum(len(per) for per in samples.values()),
     }
     variants = [
         {"variant": "base (HF)", "ppl": base.ppl, "ppl_assistant": scores["hf_base"].ppl,
@@ -320,52 +339,37 @@ def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, mer
 
 
 # -------------------------------------------------------------------------------------- predict
-def predict(pp, *, threads: int, eval_jsonl: Path, base_dir: Path, merged_dir: Path, quant_gguf: Path, out_dir: Path,
-            trust_remote_code: bool = False) -> tuple[dict, list[dict]]:
-    """Every variant answers the eval prompts (core/predictions.py); writes `out_dir` (a folder per
-    variant, atomically) and returns (metrics `answers_*`, plot rows)."""
-    import torch
-
+def score_answers(prompts: Prompts, answers: dict[str, Answers], tokenizer) -> tuple[dict, list[dict], dict]:
+    """Phase predict's figures (core/predictions.py): metrics `answers_*` (answers_s: the seconds its
+    generation and scoring took), plot rows, and each variant's files' contents."""
     start = time.perf_counter()
-    torch.set_num_threads(threads)
-    tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
-    conversations, labels = predictions.prompts_and_labels(ppl.read_eval_rows(eval_jsonl), pp.max_rows, pp.seed)
-    if not conversations:
-        raise LorapipeError(f"{eval_jsonl}: no row ends with an assistant reply to a user turn; nothing to answer")
-    texts = [parity.render(tokenizer, c) for c in conversations]
-    info(f"evaluate: {len(texts)} eval prompts answered by each variant (evaluate.predict)")
-    answers = {}
-    for variant, folder in (("hf_base", base_dir), ("hf_merged", merged_dir)):
-        model = load_hf(folder, trust_remote_code)
-        answers[variant] = predictions.hf_generate(model, tokenizer, texts, pp.max_new_tokens, pp.batch_size,
-                                                   desc=f"evaluate: answers {variant}")
-        del model
-    answers["quant"] = predictions.gguf_generate(quant_gguf, texts, pp.max_new_tokens, parallel=pp.parallel,
-                                                 threads=threads)
-    metrics, results, plot = predictions.score(answers, labels, tokenizer)
+    predict = {variant: a.predict for variant, a in answers.items()}
+    metrics, results, plot = predictions.score(predict, prompts.labels, tokenizer)
+    seconds = sum(a.predict_s for a in answers.values()) + time.perf_counter() - start
+    predicted = {v: (prompts.predict, predict[v], prompts.labels, results[v]) for v in predictions.VARIANTS}
+    return {**metrics, "answers_s": seconds}, plot, predicted
+
+
+def write_predictions(out_dir: Path, predicted: dict) -> None:
+    """reports/predictions/<variant>/, LLaMA-Factory's files, the folder written atomically."""
     with atomic_path(out_dir, is_dir=True) as tmp:
-        for variant in predictions.VARIANTS:
-            predictions.write_variant(tmp / variant, texts, answers[variant], labels, results[variant])
-    timing = {"answers_s": time.perf_counter() - start}  # the phase's cost: generation dominates it
-    return {**metrics, **timing}, plot
+        for variant, (texts, answers, labels, results) in predicted.items():
+            predictions.write_variant(tmp / variant, texts, answers, labels, results)
 
 
 def run(params) -> dict:
     ex = params.export
     ref_type = hfmodel.resolve_outtype(ex.outtype, paths.MERGED_DIR)  # the label of the converted file's figures
-    metrics, variants, samples = evaluate(
+    result = evaluate(
         params.evaluate, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR, merged_dir=paths.MERGED_DIR,
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
         ref_name=ref_type, trust_remote_code=params.model.trust_remote_code, measures=retention.measures_path(paths.QUANT_GGUF))
-    answer_metrics, answer_plot = predict(
-        params.evaluate.predict, threads=params.evaluate.threads, eval_jsonl=paths.EVAL_JSONL, base_dir=paths.BASE_DIR,
-        merged_dir=paths.MERGED_DIR, quant_gguf=paths.QUANT_GGUF, out_dir=PREDICTIONS,
-        trust_remote_code=params.model.trust_remote_code)
-    metrics = {**metrics, **answer_metrics}
+    metrics = result.metrics
+    write_predictions(PREDICTIONS, result.predicted)
     write_json(METRICS, metrics)
-    write_json(PLOT, variants)
-    write_json(ANSWERS_PLOT, answer_plot)
-    write_text(SAMPLES, samples)
+    write_json(PLOT, result.variants)
+    write_json(ANSWERS_PLOT, result.answer_plot)
+    write_text(SAMPLES, result.samples)
     ref = ref_type
     return {"bleu4_merged": metrics["answers_bleu4_hf_merged"], "bleu4_quant": metrics["answers_bleu4_quant"],
             "ppl_merged": metrics["ppl_hf_merged"], f"ppl_{ref}": metrics[f"ppl_{ref}"], "ppl_quant": metrics["ppl_quant"],
