@@ -7,6 +7,7 @@ weighted mean over assistant tokens of the eval split, lorapipe's core/sft.eval_
 
 Variants
   ours    lorapipe.stages.train.run: packed rows (no cross-sample attention), logits on assistant positions only
+  ours-fp32  the same at train.precision: fp32 (against `ours` at --precision: what bf16 gains)
   naive   transformers Trainer, every sample padded to cutoff_len, the model's own loss over full logits
   lf      LLaMA-Factory itself (`llamafactory-cli train` with an equivalent YAML) from its own virtualenv
           (--lf-venv, default /tmp/lorapipe-lf-venv; create it with --setup-lf). If it cannot run here the
@@ -21,7 +22,7 @@ Shapes: --shape qwen2.5-0.5b builds a random-weight model with Qwen2.5-0.5B's sh
 14 heads, 2 kv heads, intermediate 4864, vocab 151936, tied embeddings) and SmolLM2's tokenizer.
 
 Usage: .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--hidden 256] [--layers 4] [--model DIR]
-       .venv/bin/python benchmarks/train_throughput.py --shape qwen2.5-0.5b --steps 4 --variants ours,lf
+       .venv/bin/python benchmarks/train_throughput.py --shape qwen2.5-0.5b --steps 4 --variants ours,ours-fp32,lf
        .venv/bin/python benchmarks/train_throughput.py --setup-lf --model models/base --variants ours,lf   (docs/benchmarks.md)
 """
 
@@ -111,7 +112,7 @@ def hyper(args) -> dict:
     return {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": 1, "lr": args.lr, "scheduler": "cosine",
             "warmup_ratio": 0.1, "cutoff_len": args.cutoff, "seed": args.seed, "logging_steps": 1, "save_steps": 10_000,
             "max_eval_samples": None, "rank": 16, "alpha": 32, "dropout": 0.05, "precision": args.precision,
-            "lf_precision": args.lf_precision}
+            "lf_precision": args.lf_precision, "gradient_checkpointing": args.gradient_checkpointing}
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -138,7 +139,7 @@ def worker_ours(work: Path, model: Path, h: dict) -> dict:
     os.chdir(work)
     params = parse({"train": {k: h[k] for k in ("max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio",
                                                 "cutoff_len", "seed", "logging_steps", "save_steps", "max_eval_samples",
-                                                "precision")},
+                                                "precision", "gradient_checkpointing")},
                     "lora": {"rank": h["rank"], "alpha": h["alpha"], "dropout": h["dropout"], "target": "all"}})
     timer = cpu_timer()
     train.run(params, base_dir=model, callbacks=[timer])
@@ -221,6 +222,10 @@ def worker_lf(work: Path, model_dir: Path, h: dict, lf_venv: Path) -> dict:
         "max_steps": h["max_steps"], "lr_scheduler_type": h["scheduler"], "warmup_ratio": h["warmup_ratio"],
         "seed": h["seed"], "bf16": h["lf_precision"] == "bf16", "fp16": False, "include_effective_tokens_per_second": True,
         "trust_remote_code": False,
+        # transformers refuses `bf16: true` without a GPU unless told the CPU is meant (then accelerate's CPU autocast)
+        "use_cpu": True,
+        # LLaMA-Factory checkpoints activations unless told not to; --gradient-checkpointing sets both sides alike
+        "disable_gradient_checkpointing": not h["gradient_checkpointing"],
     }
     # LLaMA-Factory's own entry point (what `llamafactory-cli train cfg.yaml` calls), driven from its
     # virtualenv with one extra callback that reads the process CPU time of the training loop.
@@ -348,6 +353,8 @@ def main() -> int:
     ap.add_argument("--shape", choices=["qwen2.5-0.5b"], help="build a random-weight model of these shapes instead")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours: train.precision")
     ap.add_argument("--lf-precision", default="bf16", choices=["fp32", "bf16"], help="LLaMA-Factory: bf16: true or not")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="ours and LLaMA-Factory recompute activations (LLaMA-Factory's default; ours: train.gradient_checkpointing)")
     ap.add_argument("--variants", default="ours,naive,lf")
     ap.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
     ap.add_argument("--setup-lf", action="store_true", help="create the LLaMA-Factory virtualenv first, unless it already works")
@@ -359,7 +366,7 @@ def main() -> int:
 
     if args.worker:
         h = json.loads(args.hyper)
-        if args.worker == "ours":
+        if args.worker in ("ours", "ours-fp32"):
             res = worker_ours(args.work, args.model, h)
         elif args.worker in ("naive", "lf-collation"):
             res = worker_hf(args.work, args.model, h, args.worker)
@@ -389,14 +396,15 @@ def main() -> int:
             print(f"LLaMA-Factory cannot run here: {why_not_lf}; using lf-collation (its default collation) instead", flush=True)
             name = "lf-collation"
         t = time.perf_counter()
-        results[name] = run_variant(name, work, model, h, args.lf_venv)
+        results[name] = run_variant(name, work, model, {**h, "precision": "fp32"} if name == "ours-fp32" else h, args.lf_venv)
         if name == "lf" and "error" in results[name]:
             print(f"LLaMA-Factory failed: {results[name]['error']}\n-> using lf-collation instead", flush=True)
             results["lf-collation"] = run_variant("lf-collation", work, model, h, args.lf_venv)
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
 
     print(f"\nmodel: {model}  steps={h['max_steps']} batch={h['batch_size']} cutoff_len={h['cutoff_len']} lr={h['lr']} "
-          f"LoRA r{h['rank']} all-linear  train rows: {sum(1 for _ in open(work / 'common/data/clean/train.jsonl'))}")
+          f"LoRA r{h['rank']} all-linear  train rows: {sum(1 for _ in open(work / 'common/data/clean/train.jsonl'))}  "
+          f"gradient checkpointing (ours, lf): {'on' if h['gradient_checkpointing'] else 'off'}")
     print(versions)
     print("real (non-pad) tokens per second of the training loop: wall clock, and per CPU-second of the process")
     print(f"{'variant':<14}{'precision':>10}{'tokens/s':>10}{'tokens/cpu-s':>14}{'peak RSS MB':>13}{'train loss':>12}{'eval loss':>11}")
@@ -411,6 +419,11 @@ def main() -> int:
         print(f"ours precision: {results['ours']['precision_reason']}")
     for key, label in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "cpu")):
         ours = results.get("ours", {}).get(key)
+        fp32 = results.get("ours-fp32", {}).get(key)
+        if ours and fp32:
+            ratio = ours / fp32  # >= 2.5x on the qwen2.5-0.5b shape where the CPU has bf16 units
+            print(f"ours / ours-fp32 ({label}): {ratio:.2f}x  (target on --shape qwen2.5-0.5b >= 2.5x: "
+                  f"{'met' if ratio >= 2.5 else 'NOT met'})")
         for other in ("naive", "lf", "lf-collation"):
             r = results.get(other, {})
             if ours and r.get(key):
