@@ -159,6 +159,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     torch.set_num_threads(ep.threads)
     tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
     prompts = Prompts.of(ep, tokenizer, eval_jsonl)
+    info(f"evaluate: {len(prompts.predict)} eval prompts answered by each variant (evaluate.predict)")
     known = quantize_measures(measures, ep, eval_jsonl=eval_jsonl, base_dir=base_dir, merged_dir=merged_dir,
                               ref_gguf=ref_gguf, quant_gguf=quant_gguf)
     with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
@@ -281,8 +282,8 @@ def gguf_speeds(ep, ggufs: dict[str, Path]) -> dict[str, dict]:
 
 
 def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, merged: HFVariant, base: HFVariant,
-                 speed: dict[str, dict], samples: dict[str, list[predictions.Answer]], *, ref_label: str, quant_label: str, base_dir: Path,
-                 merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> tuple[dict, list[dict]]:
+                 speed: dict[str, dict], samples: dict[str, list[predictions.Answer]], *, ref_label: str,
+                 quant_label: str, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> tuple[dict, list[dict]]:
     """metrics/eval.json and plots/variants.json."""
     stream, plan, quant = ref.stream, ref.plan, measured.quant
     scores = {**variant_scores(measured, ref_label), "quant": quant.assistant}
