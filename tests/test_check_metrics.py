@@ -129,7 +129,7 @@ PRODUCERS = [
       for phase in ("_check_tokens", "_check_template", "_check_stop_tokens", "_check_generation", "_check_logits")),
     ("quantize", "core/parity.py", "QuantCheck.check", "rep.figures", "parity."),
     ("eval", "stages/evaluate.py", "eval_metrics", "metrics", ""),
-    ("eval", "stages/evaluate.py", "predict", "timing", ""),
+    ("eval", "stages/evaluate.py", "score_answers", "timing", ""),
     ("eval", "core/predictions.py", "variant_metrics", "return", ""),
     ("eval", "core/predictions.py", "shared_metrics", "return", ""),
 ]

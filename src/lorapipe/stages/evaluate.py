@@ -346,9 +346,9 @@ def score_answers(prompts: Prompts, answers: dict[str, Answers], tokenizer) -> t
     start = time.perf_counter()
     predict = {variant: a.predict for variant, a in answers.items()}
     metrics, results, plot = predictions.score(predict, prompts.labels, tokenizer)
-    seconds = sum(a.predict_s for a in answers.values()) + time.perf_counter() - start
+    timing = {"answers_s": sum(a.predict_s for a in answers.values()) + time.perf_counter() - start}
     predicted = {v: (prompts.predict, predict[v], prompts.labels, results[v]) for v in predictions.VARIANTS}
-    return {**metrics, "answers_s": seconds}, plot, predicted
+    return {**metrics, **timing}, plot, predicted
 
 
 def write_predictions(out_dir: Path, predicted: dict) -> None:
