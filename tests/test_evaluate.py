@@ -270,6 +270,15 @@ def test_missing_or_truncated_gguf_is_named(workspace, tmp_path):
         evaluate(ep, **{**run_kwargs(workspace), "quant_gguf": broken})
 
 
+def test_an_empty_eval_split_names_the_param_to_change(workspace, tmp_path):
+    from lorapipe.stages.evaluate import evaluate
+
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(LorapipeError, match=re.escape(f"{empty}: the eval split is empty; set data.split.eval_fraction > 0")):
+        evaluate(params_mod.EvaluateParams(**FAST), **{**run_kwargs(workspace), "eval_jsonl": empty})
+
+
 def test_llama_perplexity_failure_shows_its_stderr_tail(workspace, tmp_path):
     stale = tmp_path / "f16.logits"
     stale.write_bytes(b"not a logits file\n")

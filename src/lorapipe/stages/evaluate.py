@@ -76,9 +76,9 @@ class Prompts:
     labels: list[str]
 
     @classmethod
-    def of(cls, ep, tokenizer, eval_jsonl: Path) -> "Prompts":
+    def of(cls, ep, tokenizer, rows: list[dict], eval_jsonl: Path) -> "Prompts":
         pp = ep.predict
-        conversations, labels = predictions.prompts_and_labels(ppl.read_eval_rows(eval_jsonl), pp.max_rows, pp.seed)
+        conversations, labels = predictions.prompts_and_labels(rows, pp.max_rows, pp.seed)
         if not conversations:
             raise LorapipeError(f"{eval_jsonl}: no row ends with an assistant reply to a user turn; nothing to answer")
         samples = [parity.render(tokenizer, [{"role": "user", "content": p}]) for p in ep.prompts]
@@ -144,7 +144,9 @@ class Result(NamedTuple):
     variants: list[dict]         # plots/variants.json
     samples: str                 # reports/samples.md
     answer_plot: list[dict]      # plots/answers.json
-    predicted: dict[str, tuple[list[str], list[predictions.Answer], list[str], dict]]  # reports/predictions/<variant>
+    prompts: Prompts             # with answers and answer_results: reports/predictions/<variant>/
+    answers: dict[str, list[predictions.Answer]]
+    answer_results: dict[str, dict]
 
 
 def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path,
@@ -158,12 +160,15 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     check_inputs(eval_jsonl, base_dir, merged_dir, ref_gguf, quant_gguf)
     torch.set_num_threads(ep.threads)
     tokenizer = hfmodel.load_tokenizer(merged_dir, trust_remote_code)
-    prompts = Prompts.of(ep, tokenizer, eval_jsonl)
+    rows = ppl.read_eval_rows(eval_jsonl)
+    if not rows:
+        raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
+    prompts = Prompts.of(ep, tokenizer, rows, eval_jsonl)
     info(f"evaluate: {len(prompts.predict)} eval prompts answered by each variant (evaluate.predict)")
     known = quantize_measures(measures, ep, eval_jsonl=eval_jsonl, base_dir=base_dir, merged_dir=merged_dir,
                               ref_gguf=ref_gguf, quant_gguf=quant_gguf)
     with tempfile.TemporaryDirectory(prefix="lorapipe-evaluate-") as work:
-        ref = setup_reference(ep, tokenizer, eval_jsonl, ref_gguf, Path(work))
+        ref = setup_reference(ep, tokenizer, rows, eval_jsonl, ref_gguf, Path(work))
         ppl_ref = known.ppl_ref if known else ref.add_unquantized()
         merged = hf_merged(ep, ref, tokenizer, prompts, merged_dir, ref_gguf, ppl_ref, score=known is None,
                            trust_remote_code=trust_remote_code)
@@ -179,10 +184,10 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     metrics, variants = eval_metrics(ep, ref, measured, merged, base, speed, samples, ref_label=ref_name.lower(),
                                      quant_label=quant_label, base_dir=base_dir, merged_dir=merged_dir,
                                      ref_gguf=ref_gguf, quant_gguf=quant_gguf)
-    answer_metrics, answer_plot, predicted = score_answers(
-        prompts, {"hf_base": base.answers, "hf_merged": merged.answers, "quant": quant}, tokenizer)
+    answers = {"hf_base": base.answers, "hf_merged": merged.answers, "quant": quant}
+    answer_metrics, answer_plot, answer_results = score_answers(prompts, answers, tokenizer)
     return Result({**metrics, **answer_metrics}, variants, samples_markdown(ep.prompts, samples, ep.max_new_tokens),
-                  answer_plot, predicted)
+                  answer_plot, prompts, {v: a.predict for v, a in answers.items()}, answer_results)
 
 
 def quantize_measures(path: Path | None, ep, **files: Path) -> retention.Measured | None:
@@ -202,11 +207,8 @@ def quantize_measures(path: Path | None, ep, **files: Path) -> retention.Measure
     return known
 
 
-def setup_reference(ep, tokenizer, eval_jsonl: Path, ref_gguf: Path, work: Path) -> retention.Reference:
+def setup_reference(ep, tokenizer, rows: list[dict], eval_jsonl: Path, ref_gguf: Path, work: Path) -> retention.Reference:
     """The eval split as one token stream and its chunks (core/retention.py), tokenized by both sides."""
-    rows = ppl.read_eval_rows(eval_jsonl)
-    if not rows:
-        raise LorapipeError(f"{eval_jsonl}: the eval split is empty; set data.split.eval_fraction > 0")
     ref = retention.Reference(rows, tokenizer, eval_jsonl, ref_gguf, work, ctx=ep.ctx, max_chunks=ep.max_chunks,
                               threads=ep.threads)
     if ref.plan.shrunk:
@@ -283,7 +285,8 @@ def gguf_speeds(ep, ggufs: dict[str, Path]) -> dict[str, dict]:
 
 def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, merged: HFVariant, base: HFVariant,
                  speed: dict[str, dict], samples: dict[str, list[predictions.Answer]], *, ref_label: str,
-                 quant_label: str, base_dir: Path, merged_dir: Path, ref_gguf: Path, quant_gguf: Path) -> tuple[dict, list[dict]]:
+                 quant_label: str, base_dir: Path, merged_dir: Path, ref_gguf: Path,
+                 quant_gguf: Path) -> tuple[dict, list[dict]]:
     """metrics/eval.json and plots/variants.json."""
     stream, plan, quant = ref.stream, ref.plan, measured.quant
     scores = {**variant_scores(measured, ref_label), "quant": quant.assistant}
@@ -342,20 +345,20 @@ def eval_metrics(ep, ref: retention.Reference, measured: retention.Measured, mer
 # -------------------------------------------------------------------------------------- predict
 def score_answers(prompts: Prompts, answers: dict[str, Answers], tokenizer) -> tuple[dict, list[dict], dict]:
     """Phase predict's figures (core/predictions.py): metrics `answers_*` (answers_s: the seconds its
-    generation and scoring took), plot rows, and each variant's files' contents."""
+    generation and scoring took), plot rows, and each variant's predict_results.json."""
     start = time.perf_counter()
     predict = {variant: a.predict for variant, a in answers.items()}
     metrics, results, plot = predictions.score(predict, prompts.labels, tokenizer)
     timing = {"answers_s": sum(a.predict_s for a in answers.values()) + time.perf_counter() - start}
-    predicted = {v: (prompts.predict, predict[v], prompts.labels, results[v]) for v in predictions.VARIANTS}
-    return {**metrics, **timing}, plot, predicted
+    return {**metrics, **timing}, plot, results
 
 
-def write_predictions(out_dir: Path, predicted: dict) -> None:
+def write_predictions(out_dir: Path, result: Result) -> None:
     """reports/predictions/<variant>/, LLaMA-Factory's files, the folder written atomically."""
     with atomic_path(out_dir, is_dir=True) as tmp:
-        for variant, (texts, answers, labels, results) in predicted.items():
-            predictions.write_variant(tmp / variant, texts, answers, labels, results)
+        for variant in predictions.VARIANTS:
+            predictions.write_variant(tmp / variant, result.prompts.predict, result.answers[variant],
+                                      result.prompts.labels, result.answer_results[variant])
 
 
 def run(params) -> dict:
@@ -366,7 +369,7 @@ def run(params) -> dict:
         ref_gguf=paths.gguf_path(ex.outtype), quant_gguf=paths.QUANT_GGUF,
         ref_name=ref_type, trust_remote_code=params.model.trust_remote_code, measures=retention.measures_path(paths.QUANT_GGUF))
     metrics = result.metrics
-    write_predictions(PREDICTIONS, result.predicted)
+    write_predictions(PREDICTIONS, result)
     write_json(METRICS, metrics)
     write_json(PLOT, result.variants)
     write_json(ANSWERS_PLOT, result.answer_plot)
