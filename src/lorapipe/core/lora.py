@@ -5,7 +5,7 @@ from __future__ import annotations
 from lorapipe.core.errors import LorapipeError
 
 
-def lora_targets(model, target: str | list[str]) -> str | list[str]:
+def target_modules(model, target: str | list[str]) -> str | list[str]:
     """peft target_modules for lora.target: 'all' = every nn.Linear but the output head.
 
     A named module that the model does not have is an error listing the names it does have

@@ -154,7 +154,7 @@ def measure(model_dir: Path, rows: int, seq: int, rank: int, alpha: int, target,
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if variant == "bf16-base":
             model.to(torch.bfloat16)
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora.lora_targets(model, target),
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora.target_modules(model, target),
                                                  task_type="CAUSAL_LM"))
         for p in model.parameters():
             if p.requires_grad:

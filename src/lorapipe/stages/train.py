@@ -390,7 +390,7 @@ def _setup_model(params, base_dir: Path, data: _Data, args, precision_used: str)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
-    target_modules = lora.lora_targets(model, lp.target)
+    target_modules = lora.target_modules(model, lp.target)
     native = type(model).__module__.startswith("transformers.")
     supports_keep = native and "logits_to_keep" in inspect.signature(model.forward).parameters
     pad = data.tokenizer.pad_token_id
