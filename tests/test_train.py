@@ -233,6 +233,16 @@ def test_gradient_checkpointing_trains_the_same_adapter(trained, tiny_model, tmp
         assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
 
 
+def test_train_loss_after_a_resume_covers_the_whole_run():
+    from lorapipe.stages.train import run_train_loss
+
+    # logged every 2 steps; checkpoint at step 5, so step 5 was never logged; this process ran 6..8
+    history = [{"loss": 4.0, "step": 2}, {"loss": 3.0, "step": 4}, {"eval_loss": 9.0, "step": 4},
+               {"loss": 2.5, "step": 6}, {"loss": 1.0, "step": 8}]
+    assert run_train_loss(history, 2.0, 5, 8) == pytest.approx((4.0 * 2 + 3.0 * 2 + 2.0 * 3) / 7)
+    assert run_train_loss(history, 2.0, 0, 8) == 2.0  # not resumed: the trainer's own mean
+
+
 def test_changed_config_discards_stale_checkpoints(tmp_path):
     from lorapipe.stages.train import last_checkpoint, prepare_checkpoints
 
@@ -497,6 +507,9 @@ def test_resume_after_kill_9_ends_with_the_same_adapter(tiny_model, tmp_path):
     assert "resuming from models/checkpoints/checkpoint-4" in done.stderr
     metrics = json.loads((resumed / "metrics/train.json").read_text())
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 6
+    # the loss of the whole run, not of the two steps after the resume
+    assert metrics["train_loss"] == pytest.approx(json.loads((straight / "metrics/train.json").read_text())["train_loss"],
+                                                  abs=1e-5)
     a = (straight / "models/adapter/adapter_model.safetensors").read_bytes()
     b = (resumed / "models/adapter/adapter_model.safetensors").read_bytes()
     assert a == b

@@ -447,14 +447,35 @@ def _end_live(live, trainer, eval_loss: float | None) -> None:
     live.end()
 
 
+def run_train_loss(log_history: list[dict], this_process_loss: float, resumed_from: int, last_step: int) -> float:
+    """Mean training loss over every step of the run.
+
+    The trainer's own figure covers only the steps this process ran; after a resume the steps before
+    the checkpoint come from its log history (one entry per train.logging_steps steps, each the mean
+    over its steps). Steps after the checkpoint's last log entry were never logged: they are left out
+    of the mean.
+    """
+    if not resumed_from:
+        return this_process_loss
+    earlier, logged = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and logged < entry["step"] <= resumed_from:
+            earlier += entry["loss"] * (entry["step"] - logged)
+            logged = entry["step"]
+    ran = last_step - resumed_from
+    return (earlier + this_process_loss * ran) / (logged + ran)
+
+
 def _metrics(data: _Data, m: _Model, trainer, result, eval_loss, choice, resume, args, t0: float) -> dict:
     train_seconds = float(result.metrics.get("train_runtime", 0.0))
+    resumed_from = int(resume.name.split("-")[1]) if resume else 0
     processes = args.distributed_state.num_processes
     tokens = trainer.tokens_seen * processes  # tokens seen on this process; the others saw as many on average
     trainable, total = m.model.get_nb_trainable_parameters()
     base = m.eval_loss_base
     return {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(run_train_loss(trainer.state.log_history, float(result.training_loss), resumed_from,
+                                           trainer.state.global_step), 6),
         "eval_loss": None if eval_loss is None else round(eval_loss, 6),
         "eval_ppl": None if eval_loss is None else round(math.exp(eval_loss), 4),
         "eval_loss_base": None if base is None else round(base, 6),
@@ -466,7 +487,7 @@ def _metrics(data: _Data, m: _Model, trainer, result, eval_loss, choice, resume,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "steps": int(trainer.state.global_step),
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+        "resumed_from_step": resumed_from,
         "train_rows": len(data.train),
         "train_rows_truncated": data.train_rep.truncated,
         "train_rows_untrainable": data.train_rep.untrainable,
