@@ -145,7 +145,7 @@ class Result(NamedTuple):
     samples: str                 # reports/samples.md
     answer_plot: list[dict]      # plots/answers.json
     prompts: Prompts             # with answers and answer_results: reports/predictions/<variant>/
-    answers: dict[str, list[predictions.Answer]]
+    answers: dict[str, Answers]  # per variant: hf_base, hf_merged, quant
     answer_results: dict[str, dict]
 
 
@@ -187,7 +187,7 @@ def evaluate(ep, *, eval_jsonl: Path, base_dir: Path, merged_dir: Path, ref_gguf
     answers = {"hf_base": base.answers, "hf_merged": merged.answers, "quant": quant}
     answer_metrics, answer_plot, answer_results = score_answers(prompts, answers, tokenizer)
     return Result({**metrics, **answer_metrics}, variants, samples_markdown(ep.prompts, samples, ep.max_new_tokens),
-                  answer_plot, prompts, {v: a.predict for v, a in answers.items()}, answer_results)
+                  answer_plot, prompts, answers, answer_results)
 
 
 def quantize_measures(path: Path | None, ep, **files: Path) -> retention.Measured | None:
@@ -357,7 +357,7 @@ def write_predictions(out_dir: Path, result: Result) -> None:
     """reports/predictions/<variant>/, LLaMA-Factory's files, the folder written atomically."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         for variant in predictions.VARIANTS:
-            predictions.write_variant(tmp / variant, result.prompts.predict, result.answers[variant],
+            predictions.write_variant(tmp / variant, result.prompts.predict, result.answers[variant].predict,
                                       result.prompts.labels, result.answer_results[variant])
 
 
